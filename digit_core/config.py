@@ -1,0 +1,417 @@
+"""Configuration dataclasses for every DiGIT model, and the presets.
+
+A model directory is ``config.json`` (``DiGITConfig.to_dict()``) beside ``model.safetensors``.
+Everything a flow needs to know about token layouts lives here, so the PyTorch pipeline, the
+ONNX exporter and the onnxruntime runtime all read the same numbers.
+
+This module imports no torch: the runtime reads these configs too.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot describe a working model."""
+
+
+@dataclass
+class EncoderConfig:
+    """A frozen ViT whose block outputs are the patch features that K-Means clusters.
+
+    ``kind="dinov2"`` is timm's DINOv2 with the official DiGIT settings; ``kind="vit"`` is our
+    small ViT for small images. ``feature_block`` is the 0-based block whose output is taken
+    (9 of 12 for ViT-B: the third-to-last), optionally followed by the final LayerNorm.
+    """
+
+    kind: str = "vit"
+    image_size: int = 32          # size of the images the pipeline feeds in
+    model_size: int = 32          # size inside the model (224 for DINOv2: resized from 256)
+    in_chans: int = 3
+    patch_size: int = 4
+    width: int = 192
+    depth: int = 6
+    heads: int = 3
+    mlp_ratio: float = 4.0
+    num_registers: int = 0
+    layerscale: float | None = None   # LayerScale init value (DINOv2: 1.0); None = no LayerScale
+    feature_block: int = -1       # -1 = last block; negative indices count from the end
+    final_norm: bool = True       # apply the encoder's final LayerNorm to the features
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    timm_name: str | None = None  # e.g. "vit_base_patch14_reg4_dinov2.lvd142m"
+    pos_table_size: int = 0       # DINOv2: side of the checkpoint's position table (37)
+    pos_interp_offset: float = 0.1
+
+    @property
+    def grid(self) -> int:
+        return self.model_size // self.patch_size
+
+    @property
+    def block_index(self) -> int:
+        return self.feature_block % self.depth
+
+
+@dataclass
+class CodebookConfig:
+    """K-Means centroids over encoder features: the discriminative-token vocabulary."""
+
+    size: int = 512
+    dim: int = 192
+
+
+@dataclass
+class VQGANConfig:
+    """taming/MAGE VQGAN. The token grid side is ``resolution / 2 ** (len(ch_mult) - 1)``."""
+
+    resolution: int = 32
+    in_channels: int = 3
+    out_channels: int = 3
+    ch: int = 64
+    ch_mult: tuple[int, ...] = (1, 2, 2)
+    num_res_blocks: int = 1
+    attn_resolutions: tuple[int, ...] = ()
+    z_channels: int = 64
+    n_embed: int = 512
+    embed_dim: int = 64
+    norm_groups: int = 32         # GroupNorm groups (taming: 32)
+    dropout: float = 0.0
+
+    @property
+    def grid(self) -> int:
+        return self.resolution // 2 ** (len(self.ch_mult) - 1)
+
+
+@dataclass
+class GPTConfig:
+    """One decoder-only transformer, used for both stages.
+
+    The input is an optional prefix of ``prefix_len`` tokens (stage 2: the discriminative
+    tokens) followed by up to ``max_len`` main tokens; each part has its own learned position
+    table whose first used row is ``pos_offset`` (fairseq uses 2). ``norm_first`` selects
+    pre-LN (GPT-2, official stage 2) or post-LN (official stage 1); ``final_norm`` adds a last
+    LayerNorm. Logits cover ``out_vocab`` ids, of which ``[out_offset, out_offset + num_out)``
+    are the codes that sampling draws from.
+    """
+
+    vocab_size: int = 1024
+    out_vocab: int = 512
+    out_offset: int = 0
+    num_out: int = 512
+    n_layer: int = 6
+    n_head: int = 8
+    d_model: int = 256
+    d_ff: int = 1024
+    max_len: int = 64
+    prefix_len: int = 0
+    pos_offset: int = 0
+    norm_first: bool = True
+    final_norm: bool = True
+    embed_scale: float = 1.0
+    dropout: float = 0.0
+    ln_eps: float = 1e-5
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def context(self) -> int:
+        """Longest sequence (prefix + main) the KV cache must hold."""
+        return self.prefix_len + self.max_len
+
+
+@dataclass
+class Stage1Config:
+    """Stage 1: ``[first, t_1 .. t_{N-1}]`` predicts ``[t_1 .. t_N]``.
+
+    ``first`` is the class token ``class_offset + c`` when class-conditional, else ``bos_id``.
+    Cluster ``c`` is token ``code_offset + c``. ``null_class_id`` is the class token used for
+    dropped labels in training and for the unconditional half of classifier-free guidance.
+    """
+
+    gpt: GPTConfig = field(default_factory=GPTConfig)
+    num_classes: int = 10          # 0 = unconditional
+    code_offset: int = 0
+    class_offset: int = 512
+    bos_id: int = 523
+    null_class_id: int | None = 522
+    label_dropout: float = 0.1
+
+
+@dataclass
+class Stage2Config:
+    """Stage 2: prefix ``[d_1 .. d_N]`` (cluster ``c`` is ``disc_offset + c``), then
+    ``[sep, v_1 .. v_{M-1}]`` predicts ``[v_1 .. v_M]`` (VQ code ``v`` is ``vq_offset + v``)."""
+
+    gpt: GPTConfig = field(default_factory=GPTConfig)
+    vq_offset: int = 0
+    disc_offset: int = 512
+    sep_id: int = 1024
+
+
+@dataclass
+class SamplingConfig:
+    """Defaults the app and CLIs start from."""
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    cfg: float | None = None
+    stage2_temperature: float = 1.0
+    stage2_top_k: int | None = None
+    stage2_top_p: float | None = 0.8
+
+
+@dataclass
+class DiGITConfig:
+    """A whole DiGIT model: tokenizer (encoder + codebook), both stages and the VQGAN."""
+
+    name: str = "digit"
+    image_size: int = 32
+    channels: int = 3              # 1 for grey data (returned as 3 equal channels)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    codebook: CodebookConfig = field(default_factory=CodebookConfig)
+    vqgan: VQGANConfig = field(default_factory=VQGANConfig)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    class_names: list[str] = field(default_factory=list)
+
+    # -- derived sizes ---------------------------------------------------------------------
+    @property
+    def disc_grid(self) -> int:
+        return self.encoder.grid
+
+    @property
+    def vq_grid(self) -> int:
+        return self.vqgan.grid
+
+    def validate(self) -> "DiGITConfig":
+        """Raise ConfigError naming the first inconsistency between the parts."""
+        e, cb, vq, s1, s2 = self.encoder, self.codebook, self.vqgan, self.stage1, self.stage2
+        checks = [
+            (e.image_size == self.image_size, f"encoder.image_size {e.image_size} != image_size {self.image_size}"),
+            (vq.resolution == self.image_size, f"vqgan.resolution {vq.resolution} != image_size {self.image_size}"),
+            (e.model_size % e.patch_size == 0, f"encoder.model_size {e.model_size} is not a multiple of patch_size {e.patch_size}"),
+            (e.width % e.heads == 0, f"encoder.width {e.width} is not divisible by heads {e.heads}"),
+            (-e.depth <= e.feature_block < e.depth, f"encoder.feature_block {e.feature_block} outside depth {e.depth}"),
+            (cb.dim == e.width, f"codebook.dim {cb.dim} != encoder.width {e.width}"),
+            (self.channels in (1, 3), f"channels must be 1 or 3, got {self.channels}"),
+            (vq.resolution % 2 ** (len(vq.ch_mult) - 1) == 0, "vqgan.resolution is not divisible by its downsampling"),
+            # stage 1
+            (s1.gpt.num_out == cb.size, f"stage1.gpt.num_out {s1.gpt.num_out} != codebook.size {cb.size}"),
+            (s1.gpt.max_len >= self.disc_grid ** 2, f"stage1.gpt.max_len {s1.gpt.max_len} < {self.disc_grid ** 2} tokens"),
+            (s1.gpt.prefix_len == 0, "stage1 takes no prefix"),
+            (s1.code_offset + cb.size <= s1.gpt.vocab_size, "stage1 codes exceed its vocabulary"),
+            (s1.gpt.out_offset + s1.gpt.num_out <= s1.gpt.out_vocab, "stage1 output slice exceeds out_vocab"),
+            (s1.num_classes == 0 or s1.class_offset + s1.num_classes <= s1.gpt.vocab_size,
+             "stage1 class tokens exceed its vocabulary"),
+            (s1.null_class_id is None or s1.null_class_id < s1.gpt.vocab_size, "stage1 null class id outside its vocabulary"),
+            (0 <= s1.bos_id < s1.gpt.vocab_size, "stage1 bos id outside its vocabulary"),
+            (not self.class_names or len(self.class_names) == s1.num_classes,
+             f"{len(self.class_names)} class names for {s1.num_classes} classes"),
+            # stage 2
+            (s2.gpt.prefix_len == self.disc_grid ** 2, f"stage2.gpt.prefix_len {s2.gpt.prefix_len} != {self.disc_grid ** 2}"),
+            (s2.gpt.max_len >= self.vq_grid ** 2, f"stage2.gpt.max_len {s2.gpt.max_len} < {self.vq_grid ** 2} tokens"),
+            (s2.gpt.num_out == vq.n_embed, f"stage2.gpt.num_out {s2.gpt.num_out} != vqgan.n_embed {vq.n_embed}"),
+            (s2.vq_offset + vq.n_embed <= s2.gpt.vocab_size, "stage2 VQ codes exceed its vocabulary"),
+            (s2.disc_offset + cb.size <= s2.gpt.vocab_size, "stage2 discriminative codes exceed its vocabulary"),
+            (0 <= s2.sep_id < s2.gpt.vocab_size, "stage2 separator id outside its vocabulary"),
+        ]
+        for g in (s1.gpt, s2.gpt):
+            checks.append((g.d_model % g.n_head == 0, f"gpt d_model {g.d_model} not divisible by n_head {g.n_head}"))
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(f"{self.name}: {msg}")
+        return self
+
+    # -- serialisation ---------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DiGITConfig":
+        return _from_dict(cls, d)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "DiGITConfig":
+        try:
+            d = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}: not valid JSON ({err})") from None
+        return cls.from_dict(d).validate()
+
+
+def _from_dict(cls: type, d: Any) -> Any:
+    """Build a (nested) dataclass from a dict, rejecting unknown keys by name."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{cls.__name__}: expected an object, got {type(d).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise ConfigError(f"{cls.__name__}: unknown keys {unknown}")
+    kwargs = {}
+    hints = {f.name: f.type for f in dataclasses.fields(cls)}
+    for k, v in d.items():
+        sub = _NESTED.get((cls.__name__, k))
+        if sub is not None:
+            kwargs[k] = _from_dict(sub, v)
+        elif isinstance(v, list) and "tuple" in str(hints[k]):
+            kwargs[k] = tuple(v)
+        else:
+            kwargs[k] = v
+    return cls(**kwargs)
+
+
+_NESTED: dict[tuple[str, str], type] = {
+    ("DiGITConfig", "encoder"): EncoderConfig,
+    ("DiGITConfig", "codebook"): CodebookConfig,
+    ("DiGITConfig", "vqgan"): VQGANConfig,
+    ("DiGITConfig", "stage1"): Stage1Config,
+    ("DiGITConfig", "stage2"): Stage2Config,
+    ("DiGITConfig", "sampling"): SamplingConfig,
+    ("Stage1Config", "gpt"): GPTConfig,
+    ("Stage2Config", "gpt"): GPTConfig,
+}
+
+
+# -- presets ---------------------------------------------------------------------------------
+def our_layout(
+    name: str,
+    image_size: int,
+    channels: int,
+    encoder: EncoderConfig,
+    codebook_size: int,
+    vqgan: VQGANConfig,
+    num_classes: int,
+    gpt1: dict[str, Any],
+    gpt2: dict[str, Any],
+    class_names: list[str] | None = None,
+    sampling: SamplingConfig | None = None,
+) -> DiGITConfig:
+    """A model with our own compact token layout (no fairseq specials).
+
+    Stage 1 ids: codes ``[0, K)``, classes ``[K, K+C)``, null class ``K+C``, bos ``K+C+1``.
+    Stage 2 ids: VQ codes ``[0, V)``, clusters ``[V, V+K)``, separator ``V+K``.
+    """
+    K, V, C = codebook_size, vqgan.n_embed, num_classes
+    n2, m2 = encoder.grid ** 2, vqgan.grid ** 2
+    s1 = Stage1Config(
+        gpt=GPTConfig(vocab_size=K + C + 2, out_vocab=K, out_offset=0, num_out=K, max_len=n2, **gpt1),
+        num_classes=C, code_offset=0, class_offset=K, bos_id=K + C + 1,
+        null_class_id=K + C if C else None, label_dropout=0.1 if C else 0.0,
+    )
+    s2 = Stage2Config(
+        gpt=GPTConfig(vocab_size=V + K + 1, out_vocab=V, out_offset=0, num_out=V, max_len=m2, prefix_len=n2, **gpt2),
+        vq_offset=0, disc_offset=V, sep_id=V + K,
+    )
+    return DiGITConfig(
+        name=name, image_size=image_size, channels=channels, encoder=encoder,
+        codebook=CodebookConfig(size=K, dim=encoder.width), vqgan=vqgan, stage1=s1, stage2=s2,
+        sampling=sampling or SamplingConfig(), class_names=list(class_names or []),
+    ).validate()
+
+
+FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                  "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+
+
+def tiny(num_classes: int = 3) -> DiGITConfig:
+    """A few-thousand-parameter model for tests: 16x16 images, 4x4 token grids."""
+    return our_layout(
+        "tiny", 16, 3,
+        EncoderConfig(kind="vit", image_size=16, model_size=16, patch_size=4, width=32, depth=2, heads=2,
+                      feature_block=-1, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+        codebook_size=16,
+        vqgan=VQGANConfig(resolution=16, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(4,),
+                          z_channels=16, n_embed=32, embed_dim=8, norm_groups=8),
+        num_classes=num_classes,
+        gpt1=dict(n_layer=2, n_head=2, d_model=32, d_ff=64),
+        gpt2=dict(n_layer=2, n_head=2, d_model=32, d_ff=64),
+        class_names=[f"class {i}" for i in range(num_classes)],
+    )
+
+
+def fmnist_small() -> DiGITConfig:
+    """The bundled Fashion-MNIST model: 32x32 grey images (28 padded), 8x8 token grids."""
+    return our_layout(
+        "fmnist", 32, 1,
+        EncoderConfig(kind="vit", image_size=32, model_size=32, patch_size=4, width=192, depth=6, heads=3,
+                      feature_block=-1, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+        codebook_size=512,
+        vqgan=VQGANConfig(resolution=32, ch=64, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(),
+                          z_channels=64, n_embed=512, embed_dim=64),
+        num_classes=10,
+        gpt1=dict(n_layer=6, n_head=8, d_model=256, d_ff=1024),
+        gpt2=dict(n_layer=4, n_head=8, d_model=256, d_ff=1024),
+        class_names=FMNIST_CLASSES,
+        sampling=SamplingConfig(temperature=1.0, top_k=None, top_p=None, cfg=1.5),
+    )
+
+
+def _official(size: str, num_classes: int) -> DiGITConfig:
+    """The official DiGIT ImageNet models (fairseq layout; see shared/notes/official-digit.md)."""
+    base = size == "base"
+    width, depth, heads = (768, 12, 12) if base else (1024, 24, 16)
+    K = 8192 if base else 16000
+    d1, l1 = (1024, 16) if base else (1536, 24)
+    specials = 5
+    dict_len = K + specials                       # fairseq dictionary: 5 specials + K clusters
+    vq_dict = 1024 + specials                     # VQ-side dictionary
+    enc = EncoderConfig(
+        kind="dinov2", image_size=256, model_size=224, in_chans=3, patch_size=14, width=width, depth=depth,
+        heads=heads, num_registers=4, layerscale=1.0, feature_block=depth - 3, final_norm=True,
+        timm_name=f"vit_{'base' if base else 'large'}_patch14_reg4_dinov2.lvd142m",
+        pos_table_size=37, pos_interp_offset=0.1,
+    )
+    vq = VQGANConfig(resolution=256, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,),
+                     z_channels=256, n_embed=1024, embed_dim=256)
+    fairseq = dict(n_layer=l1, n_head=16, d_model=d1, d_ff=4 * d1, max_len=1024, pos_offset=2,
+                   embed_scale=math.sqrt(d1), dropout=0.0)
+    s1 = Stage1Config(
+        gpt=GPTConfig(vocab_size=dict_len + num_classes, out_vocab=dict_len, out_offset=specials, num_out=K,
+                      norm_first=False, final_norm=False, **fairseq),
+        num_classes=num_classes, code_offset=specials, class_offset=dict_len, bos_id=2,
+        null_class_id=None, label_dropout=0.0,
+    )
+    s2 = Stage2Config(
+        gpt=GPTConfig(vocab_size=vq_dict + dict_len, out_vocab=vq_dict, out_offset=specials, num_out=1024,
+                      prefix_len=256, norm_first=True, final_norm=True, **fairseq),
+        vq_offset=specials, disc_offset=vq_dict + specials, sep_id=2,
+    )
+    return DiGITConfig(
+        name=f"digit-{size}-imagenet{'-cls' if num_classes else ''}", image_size=256, channels=3, encoder=enc,
+        codebook=CodebookConfig(size=K, dim=width), vqgan=vq, stage1=s1, stage2=s2,
+        sampling=SamplingConfig(top_k=(300 if num_classes else 200) if base else 400, stage2_top_p=0.8),
+    ).validate()
+
+
+def imagenet_base(class_conditional: bool = True) -> DiGITConfig:
+    """219M stage 1 over DINOv2 ViT-B/14-reg4 tokens (K=8192)."""
+    return _official("base", 1000 if class_conditional else 0)
+
+
+def imagenet_large(class_conditional: bool = True) -> DiGITConfig:
+    """732M stage 1 over DINOv2 ViT-L/14-reg4 tokens (K=16000)."""
+    return _official("large", 1000 if class_conditional else 0)
+
+
+PRESETS = {"tiny": tiny, "fmnist": fmnist_small, "imagenet-base": imagenet_base, "imagenet-large": imagenet_large}
+
+
+def preset(name: str) -> DiGITConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    return PRESETS[name]()
