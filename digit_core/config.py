@@ -70,8 +70,13 @@ class CodebookConfig:
 
 @dataclass
 class VQGANConfig:
-    """taming/MAGE VQGAN. The token grid side is ``resolution / 2 ** (len(ch_mult) - 1)``."""
+    """taming/MAGE VQGAN. The token grid side is ``resolution / 2 ** (len(ch_mult) - 1)``.
 
+    ``arch="mage"`` is MAGE's port of MaskGIT's VQGAN (the one DiGIT uses): no attention, no
+    quant convs, average-pool downsampling; ``"taming"`` is taming-transformers' VQModel.
+    """
+
+    arch: str = "taming"
     resolution: int = 32
     in_channels: int = 3
     out_channels: int = 3
@@ -376,7 +381,7 @@ def _official(size: str, num_classes: int) -> DiGITConfig:
         timm_name=f"vit_{'base' if base else 'large'}_patch14_reg4_dinov2.lvd142m",
         pos_table_size=37, pos_interp_offset=0.1,
     )
-    vq = VQGANConfig(resolution=256, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,),
+    vq = VQGANConfig(arch="mage", resolution=256, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,),
                      z_channels=256, n_embed=1024, embed_dim=256)
     fairseq = dict(n_layer=l1, n_head=16, d_model=d1, d_ff=4 * d1, max_len=1024, pos_offset=2,
                    embed_scale=math.sqrt(d1), dropout=0.0)
