@@ -1,0 +1,162 @@
+"""The PyTorch pipeline end to end on a tiny random model: flows, save/load, bad inputs."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from digit_core.config import ConfigError, DiGITConfig, tiny
+from digit_core.pipeline import DiGIT
+
+
+@pytest.fixture(scope="module")
+def model() -> DiGIT:
+    torch.manual_seed(0)
+    m = DiGIT(tiny())
+    # spread the centroids over feature space so tokenize uses more than one cluster
+    with torch.no_grad():
+        m.codebook.set_centroids(torch.randn(16, 32))
+    return m
+
+
+def _images(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, 16, 16, 3), dtype=np.uint8)
+
+
+def test_sample_shapes_and_seeds(model: DiGIT) -> None:
+    a = model.sample(class_ids=[0, 2, 1], seed=7, top_k=8)
+    assert a.shape == (3, 16, 16, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, model.sample(class_ids=[0, 2, 1], seed=7, top_k=8))
+    g1 = model.generate([0, 2, 1], seed=7, top_k=8)
+    g2 = model.generate([0, 2, 1], seed=8, top_k=8)
+    assert not np.array_equal(g1.disc_tokens, g2.disc_tokens)
+    assert g1.disc_tokens.shape == (3, 4, 4) and g1.vq_tokens.shape == (3, 4, 4)
+    assert g1.disc_tokens.max() < 16 and g1.vq_tokens.max() < 32
+    assert ((g1.disc_probs > 0) & (g1.disc_probs <= 1)).all()
+    # sample i depends only on (seed, i), not on the rest of the batch
+    assert np.array_equal(model.generate([0, 2], seed=7, top_k=8).disc_tokens, g1.disc_tokens[:2])
+
+
+def test_cfg_scale_one_gives_the_conditional_tokens(model: DiGIT) -> None:
+    plain = model.generate([0, 1, 2, 0], seed=3)
+    guided = model.generate([0, 1, 2, 0], seed=3, cfg=1.0)
+    assert np.array_equal(plain.disc_tokens, guided.disc_tokens)
+    assert not np.array_equal(plain.disc_tokens, model.generate([0, 1, 2, 0], seed=3, cfg=4.0).disc_tokens)
+
+
+def test_on_token_streams_every_stage1_token(model: DiGIT) -> None:
+    seen: list[tuple[int, tuple[int, ...]]] = []
+    g = model.generate([1, 2], seed=0, on_token=lambda t, ids: seen.append((t, ids.shape)))
+    assert [t for t, _ in seen] == list(range(16))
+    assert seen[-1][1] == (2, 16)
+    assert g.disc_tokens.shape == (2, 4, 4)
+
+
+def test_tokenize(model: DiGIT) -> None:
+    imgs = _images(2)
+    ids, dist, feats = model.tokenize(imgs)
+    assert ids.shape == (2, 4, 4) and dist.shape == (2, 4, 4) and feats.shape == (2, 4, 4, 32)
+    ref = ((feats[..., None, :] - model.codebook.centroids.numpy()) ** 2).sum(-1)
+    assert np.array_equal(ids, ref.argmin(-1))
+    # grey images are accepted and equal their 3-channel version
+    grey = imgs[..., 0]
+    assert np.array_equal(model.tokenize(grey)[0], model.tokenize(np.repeat(grey[..., None], 3, -1))[0])
+
+
+def test_complete_keeps_the_top_rows(model: DiGIT) -> None:
+    img = _images(1, seed=5)[0]
+    ids = model.tokenize(img[None])[0][0]
+    g = model.complete_detailed(img, keep_rows=2, n=3, class_id=1, seed=0)
+    assert g.images.shape == (3, 16, 16, 3)
+    assert (g.disc_tokens[:, :2] == ids[:2]).all()
+    assert np.array_equal(g.images, model.complete(img, keep_rows=2, n=3, class_id=1, seed=0))
+    # without a class id the null class conditions the continuation
+    assert model.complete(img, keep_rows=3, n=2).shape == (2, 16, 16, 3)
+
+
+def test_unconditional_model() -> None:
+    m = DiGIT(tiny(num_classes=0))
+    assert m.sample(n=2, seed=0).shape == (2, 16, 16, 3)
+    with pytest.raises(ValueError, match="unconditional"):
+        m.sample(class_ids=[0])
+    assert m.complete(_images(1)[0], keep_rows=1, n=2).shape == (2, 16, 16, 3)
+
+
+def test_save_load_round_trip_is_bit_exact(model: DiGIT, tmp_path: Path) -> None:
+    model.save(tmp_path / "m")
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
+    loaded = DiGIT.load(tmp_path / "m")
+    a, b = model.own_state_dict(), loaded.own_state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert loaded.config == model.config
+    assert np.array_equal(loaded.sample(class_ids=[1], seed=2), model.sample(class_ids=[1], seed=2))
+    # saving over an existing model replaces it whole
+    model.save(tmp_path / "m")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda m: m.sample(class_ids=[3]), r"class ids \[3\] out of range"),
+    (lambda m: m.sample(class_ids=[-1]), "out of range"),
+    (lambda m: m.sample(class_ids=[]), "non-empty"),
+    (lambda m: m.sample(class_ids=[0.5]), "integers"),
+    (lambda m: m.sample(n=2), "class-conditional"),
+    (lambda m: m.sample(class_ids=[0], top_p=2.0), "top_p"),
+    (lambda m: m.sample(class_ids=[0], seed=-3), "seed"),
+    (lambda m: m.tokenize(np.zeros((1, 8, 8, 3), np.uint8)), r"\[N, 16, 16, 3\]"),
+    (lambda m: m.tokenize(np.zeros((1, 16, 16, 3), np.float32)), "uint8"),
+    (lambda m: m.tokenize(np.zeros((0, 16, 16, 3), np.uint8)), "empty batch"),
+    (lambda m: m.tokenize(np.zeros((1, 16, 16, 4), np.uint8)), "images must be"),
+    (lambda m: m.complete(np.zeros((16, 16, 3), np.uint8), keep_rows=4), "keep_rows"),
+    (lambda m: m.complete(np.zeros((16, 16, 3), np.uint8), keep_rows=0), "keep_rows"),
+    (lambda m: m.complete(np.zeros((2, 16, 16, 3), np.uint8), keep_rows=1), "one image"),
+    (lambda m: m.complete(np.zeros((16, 16, 3), np.uint8), keep_rows=1, class_id=9), "out of range"),
+])
+def test_bad_inputs_raise_clear_errors(model: DiGIT, call, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        call(model)
+
+
+def test_cfg_needs_a_null_class() -> None:
+    cfg = tiny()
+    cfg.stage1.null_class_id = None
+    with pytest.raises(ValueError, match="label dropout"):
+        DiGIT(cfg).sample(class_ids=[0], cfg=2.0)
+
+
+def test_mismatched_or_broken_model_files(model: DiGIT, tmp_path: Path) -> None:
+    model.save(tmp_path / "m")
+    # weights from another config
+    other = tiny()
+    other.stage1.gpt.d_model = 64
+    other.stage1.gpt.d_ff = 128
+    with pytest.raises(ConfigError, match="shape mismatches"):
+        DiGIT(other).load_weights(dict(model.own_state_dict()))
+    # a config with an unknown key
+    d = json.loads((tmp_path / "m" / "config.json").read_text())
+    d["stage1"]["gpt"]["n_layers"] = 3
+    (tmp_path / "m" / "config.json").write_text(json.dumps(d))
+    with pytest.raises(ConfigError, match="n_layers"):
+        DiGIT.load(tmp_path / "m")
+    # an inconsistent config
+    d["stage1"]["gpt"].pop("n_layers")
+    d["codebook"]["size"] = 17
+    (tmp_path / "m" / "config.json").write_text(json.dumps(d))
+    with pytest.raises(ConfigError, match="codebook.size"):
+        DiGIT.load(tmp_path / "m")
+    model.save(tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="safetensors"):
+        DiGIT.load(tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        DiGIT.load(tmp_path / "m")
+
+
+def test_config_round_trip_and_unknown_preset() -> None:
+    c = tiny()
+    assert DiGITConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+    from digit_core.config import preset
+    with pytest.raises(ConfigError, match="unknown preset"):
+        preset("nope")
