@@ -1,0 +1,165 @@
+"""training/: datasets, config, resume, DDP and the whole chain on a tiny synthetic image folder."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from digit_core.config import ConfigError
+from digit_core.data import FMNIST_DIR, FashionMNIST, ImageFolder
+from training.common import load_tensors, parse_config
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--model=tiny", "--batch_size=8", "--workers=0"]
+
+
+def make_folder(root: Path, n: int = 40, classes: int = 3, seed: int = 0) -> Path:
+    """``n`` random PNGs (16x16 and a few non-square ones) in ``classes`` class folders."""
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        d = root / f"class{i % classes}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (16 + i % 4, 16, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_folder(tmp_path_factory.mktemp("images"))
+
+
+# -- data -----------------------------------------------------------------------------------------------
+def test_image_folder_shapes_and_determinism(folder: Path) -> None:
+    ds = ImageFolder(folder, 16, channels=3)
+    assert ds.classes == ["class0", "class1", "class2"] and len(ds) == 40
+    x, y = ds[(5, 123)]
+    assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+    assert torch.equal(x, ds[(5, 123)][0])                      # the seed fixes the augmentation
+    assert torch.allclose(x * 255, (x * 255).round(), atol=1e-3)  # uint8 steps, as the pipeline sees
+    grey = ImageFolder(folder, 16, channels=1, train=False)[5][0]
+    assert grey.shape == (1, 16, 16)
+
+
+def test_corrupt_images_are_skipped_and_counted(tmp_path: Path) -> None:
+    root = make_folder(tmp_path / "imgs", n=6, classes=2)
+    good = (root / "class0" / "0.png").read_bytes()
+    (root / "class0" / "truncated.png").write_bytes(good[: len(good) // 2])
+    (root / "class1" / "text.png").write_text("not an image")
+    ds = ImageFolder(root, 16)
+    bad = [i for i, (p, _) in enumerate(ds.samples) if Path(p).name in ("truncated.png", "text.png")]
+    assert len(bad) == 2
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        for i in range(len(ds)):
+            assert ds[i][0].shape == (3, 16, 16)
+    assert ds.skipped == 2
+
+
+def test_empty_or_missing_folder_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ImageFolder(tmp_path / "nope", 16)
+    with pytest.raises(ValueError, match="no class subfolders"):
+        ImageFolder(tmp_path, 16)
+    (tmp_path / "cls").mkdir()
+    (tmp_path / "cls" / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="no images"):
+        ImageFolder(tmp_path, 16)
+
+
+@pytest.mark.skipif(not Path(FMNIST_DIR).is_dir(), reason="apt-get install dataset-fashion-mnist")
+def test_fashion_mnist_is_padded_to_32() -> None:
+    ds = FashionMNIST(split="test")
+    x, y = ds[0]
+    assert len(ds) == 10000 and x.shape == (1, 32, 32) and 0 <= y < 10
+    assert x[:, :2].abs().sum() == 0 and x[:, :, -2:].abs().sum() == 0     # black padding
+    assert torch.equal(ds[(0, 1)][0], x)                                # no augmentation on test data
+    aug = FashionMNIST(split="test", train=True)
+    flips = {bool(torch.equal(aug[(0, s)][0], x.flip(-1))) for s in range(8)}
+    assert flips == {True, False}                                        # flipped half the time
+
+
+# -- config -------------------------------------------------------------------------------------------------
+def test_config_file_sections_and_overrides(tmp_path: Path) -> None:
+    from training.stage1 import Stage1Config
+    f = tmp_path / "c.yaml"
+    f.write_text("root: /tmp/x\nmodel: tiny\nstage1: {steps: 7, lr: 0.001}\nstage2: {steps: 9}\n")
+    cfg = parse_config(Stage1Config, ["--config", str(f), "--lr=0.002", "--flip=false"])
+    assert (cfg.root, cfg.steps, cfg.lr, cfg.flip) == ("/tmp/x", 7, 0.002, False)
+    with pytest.raises(ConfigError, match="no field"):
+        parse_config(Stage1Config, ["--stepz=3"])
+    f.write_text("stage1: {stepz: 7}\n")
+    with pytest.raises(ConfigError, match="unknown keys"):
+        parse_config(Stage1Config, ["--config", str(f)])
+
+
+# -- resume --------------------------------------------------------------------------------------------------
+def _vqgan(root: Path, folder: Path, steps: int) -> None:
+    from training import vqgan
+    vqgan.main([f"--root={root}", f"--data={folder}", *TINY, f"--steps={steps}", "--ckpt_every=3",
+                "--adv_start=2", "--reset_every=2", "--eval_every=100", "--eval_images=8", "--ema=0.9"])
+
+
+def test_resume_continues_bitwise(tmp_path: Path, folder: Path) -> None:
+    """Killed after step 3 (simulated by steps=3), rerun to 6 == one run of 6 steps, bit for bit."""
+    _vqgan(tmp_path / "a", folder, 6)
+    _vqgan(tmp_path / "b", folder, 3)
+    assert load_tensors(tmp_path / "b/vqgan/checkpoint.safetensors")[1]["step"] == 3
+    _vqgan(tmp_path / "b", folder, 6)
+    (a, ma), (b, mb) = (load_tensors(tmp_path / r / "vqgan/checkpoint.safetensors") for r in "ab")
+    assert ma["step"] == mb["step"] == 6
+    assert a.keys() == b.keys() and any(k.startswith("optim.disc.") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("rng."))
+    assert "resumed from" in (tmp_path / "b/vqgan/train.log").read_text()
+
+
+# -- DDP -------------------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_ddp_on_cpu(tmp_path: Path, folder: Path) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           "-m", "training.vqgan", f"--root={tmp_path}", f"--data={folder}", *TINY, "--steps=3",
+           "--adv_start=1", "--reset_every=2", "--eval_every=100", "--eval_images=8"]
+    env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    log = (tmp_path / "vqgan/train.log").read_text()
+    assert "rank 0/2" in log and "all 2 replicas hold identical weights" in log
+    assert (tmp_path / "vqgan/vqgan.safetensors").exists()
+
+
+# -- the whole chain ---------------------------------------------------------------------------------------------
+def test_chain_to_a_loadable_model(tmp_path: Path, folder: Path) -> None:
+    from digit_core.pipeline import DiGIT
+    from training import assemble, features, kmeans, ssl, stage1, stage2, vqgan
+    base = [f"--root={tmp_path}", f"--data={folder}", *TINY]
+    ssl.main(base + ["--steps=3", "--local_crops=2", "--local_size=8", "--probe_train=24", "--probe_test=8"])
+    features.main(base + ["--fraction=0.5"])
+    kmeans.main(base + ["--niter=5"])
+    vqgan.main(base + ["--steps=3", "--eval_images=8"])
+    stage1.main(base + ["--steps=3", f"--val_data={folder}", "--eval_every=3", "--eval_batches=1"])
+    stage2.main(base + ["--steps=3"])
+    assemble.main(base)
+
+    probe = [json.loads(line) for line in (tmp_path / "ssl/metrics.jsonl").read_text().splitlines() if "probe" in line]
+    assert "probe_pixels" in probe[0] and probe[-1]["step"] == 3
+    tokens = load_tensors(tmp_path / "stage1/tokens.safetensors")[0]
+    assert tokens["disc"].shape == (80, 16)          # 40 images and their mirror images, 4x4 tokens
+    model = DiGIT.load(tmp_path / "model")
+    assert model.config.class_names == ["class0", "class1", "class2"]
+    imgs = model.sample([0, 2], seed=0, cfg=1.5)
+    assert imgs.shape == (2, 16, 16, 3) and imgs.dtype == np.uint8
+    # the cached tokens are the tokens the assembled model gives the same images
+    ds = ImageFolder(folder, 16, train=False)
+    u8 = (torch.stack([ds[i][0] for i in range(4)]) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert np.array_equal(model.tokenize(u8)[0].reshape(4, -1), tokens["disc"][[0, 1, 2, 3]].long().numpy())

@@ -1,0 +1,79 @@
+"""Dump the frozen encoder's patch features of a sample of the training images, for K-Means.
+
+As the official fit: the feature block's output (with the final LayerNorm when the config
+says so) for every patch of ``fraction`` (10%) of the training images, centre-cropped. A second,
+disjoint sample (``heldout_fraction``) is dumped for the codebook's usage report. Each rank
+writes its own shard, ``<root>/features/{fit,heldout}.rank<r>-of-<w>.npy``; the kmeans stage
+reads them all. A finished shard is skipped when the stage is rerun.
+
+    python -m training.features --config training/fmnist.yaml [--fraction=0.1]
+    torchrun --nproc_per_node=8 -m training.features --config ... --model=imagenet-base
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from training.common import RunConfig, Trainer, load_data, load_encoder, parse_config, to_channels
+
+
+@dataclass
+class FeaturesConfig(RunConfig):
+    stage: ClassVar[str] = "features"
+    encoder: str = ""              # default <root>/ssl/encoder.safetensors
+    fraction: float = 0.1          # of the training images, for the fit
+    heldout_fraction: float = 0.01
+    patches_per_image: int = 0     # 0 = all; fewer bounds the dump at ImageNet scale
+    dtype: str = "float16"         # float16 halves the dump; K-Means runs in float32 either way
+
+
+@torch.no_grad()
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(FeaturesConfig, argv)
+    tr = Trainer(cfg)
+    data, mcfg = load_data(cfg, cfg.data, train=False)
+    encoder = load_encoder(mcfg, cfg.input(cfg.encoder, "ssl/encoder.safetensors")).to(tr.device)
+    order = np.random.default_rng(cfg.seed).permutation(len(data))
+    n_fit = max(1, math.ceil(cfg.fraction * len(data)))
+    n_held = max(1, math.ceil(cfg.heldout_fraction * len(data)))
+    samples = {"fit": order[:n_fit], "heldout": order[n_fit: n_fit + n_held]}
+    patch_rng = torch.Generator().manual_seed(cfg.seed + tr.d.rank)
+    for name, idx in samples.items():
+        path = tr.run_dir / f"{name}.rank{tr.d.rank}-of-{tr.d.world}.npy"
+        if path.exists():
+            tr.info(f"{path} exists, skipping")
+            continue
+        idx = idx[tr.d.rank:: tr.d.world]
+        loader = DataLoader(Subset(data, idx.tolist()), cfg.batch_size, num_workers=cfg.workers)
+        n = mcfg.disc_grid ** 2
+        per = cfg.patches_per_image or n
+        tmp = path.with_name(f".{path.name}.tmp.npy")
+        out = np.lib.format.open_memmap(tmp, "w+", np.dtype(cfg.dtype), (len(idx) * per, mcfg.encoder.width))
+        row = 0
+        for x, _ in tqdm(loader, desc=f"features {name}", disable=not tr.d.main, dynamic_ncols=True):
+            f = encoder.features(to_channels(x.to(tr.device), mcfg.encoder.in_chans)).flatten(1, 2)   # [B, n, d]
+            if per < n:
+                keep = torch.rand(f.shape[:2], generator=patch_rng).argsort(1)[:, :per].to(f.device)
+                f = f.gather(1, keep[..., None].expand(-1, -1, f.shape[-1]))
+            f = f.reshape(-1, f.shape[-1]).float().cpu().numpy()
+            out[row: row + len(f)] = f
+            row += len(f)
+        out.flush()
+        del out
+        os.replace(tmp, path)   # a kill mid-dump leaves no shard that looks finished
+        tr.info(f"wrote {path}: {len(idx)} images x {per} patches")
+    skipped = getattr(data, "skipped", 0)
+    if skipped:
+        tr.info(f"skipped {skipped} unreadable images")
+    tr.finish()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""Stage 1: a GPT over discriminative tokens (paper §3.3, A.3).
+
+``[first, t_1 .. t_{N-1}]`` predicts ``[t_1 .. t_N]``; ``first`` is the class token, replaced by
+the null class with probability ``label_dropout`` (so sampling can use classifier-free
+guidance), or ``bos`` for an unconditional model. Adam (0.9, 0.98), inverse-sqrt warm-up,
+label smoothing 0.1, clipping 1.0, weight decay 0.01, as the official recipe.
+
+    python -m training.stage1 --config training/fmnist.yaml [--steps=... --batch_size=...]
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from digit_core.gpt import GPT
+from training.common import (TokenDataset, TrainConfig, Trainer, code_loss, load_codebook, load_data,
+                             load_encoder, parse_config, to_channels, token_cache)
+
+
+@dataclass
+class Stage1Config(TrainConfig):
+    stage: ClassVar[str] = "stage1"
+    encoder: str = ""              # default <root>/ssl/encoder.safetensors
+    codebook: str = ""             # default <root>/kmeans/codebook.safetensors
+    val_data: str = ""             # e.g. "fmnist:test": held-out loss every eval_every steps
+    flip: bool = True              # also train on the tokens of mirrored images
+    label_smoothing: float = 0.1
+    eval_every: int = 1000
+    eval_batches: int = 20
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(Stage1Config, argv)
+    tr = Trainer(cfg)
+    data, mcfg = load_data(cfg, cfg.data, train=False)
+    s1, g = mcfg.stage1, mcfg.stage1.gpt
+
+    # Tokenize once instead of on the fly: the frozen encoder's forward costs about as much as
+    # the GPT step itself, and its output never changes, so each later epoch costs only the GPT.
+    # Random crops are lost (the cache holds centre crops); flips are kept by caching both.
+    encoder = load_encoder(mcfg, cfg.input(cfg.encoder, "ssl/encoder.safetensors")).to(tr.device)
+    codebook = load_codebook(cfg.input(cfg.codebook, "kmeans/codebook.safetensors")).to(tr.device)
+    tokenize = {"disc": lambda x: codebook.assign(encoder.features(to_channels(x, mcfg.encoder.in_chans)))[0]}
+    train_tokens = TokenDataset(token_cache(tr, data, "tokens", tokenize, cfg.flip), ("disc", "label"))
+    val_tokens = None
+    if cfg.val_data:
+        val = load_data(cfg, cfg.val_data, train=False)[0]
+        val_tokens = TokenDataset(token_cache(tr, val, "val_tokens", tokenize, False), ("disc", "label"))
+    del encoder, codebook
+
+    model = tr.add("model", GPT(g))
+    tr.info(f"stage 1 GPT: {tr.modules['model'].num_params() / 1e6:.2f}M parameters, "
+            f"{len(train_tokens)} token rows, {mcfg.disc_grid ** 2} tokens each")
+    tr.resume()
+
+    def inputs(codes: torch.Tensor, labels: torch.Tensor, drop: float) -> torch.Tensor:
+        """``[first, t_1 .. t_{N-1}]`` with ids in the stage-1 vocabulary."""
+        if s1.num_classes:
+            first = s1.class_offset + labels
+            if drop > 0:
+                first = torch.where(torch.rand(labels.shape, device=labels.device) < drop, s1.null_class_id, first)
+        else:
+            first = torch.full_like(labels, s1.bos_id)
+        return torch.cat([first[:, None], codes[:, :-1] + s1.code_offset], 1)
+
+    batches = tr.batches(train_tokens)
+    for step in tr.loop():
+        codes, labels = next(batches)
+        model.train()
+        with tr.autocast():
+            loss = code_loss(model(inputs(codes, labels, s1.label_dropout)), codes, g, cfg.label_smoothing)
+        gnorm = tr.step_optim(loss)
+        tr.log(samples=codes.shape[0], tokens=codes.numel(), loss=loss.item(), grad_norm=gnorm)
+        if val_tokens is not None and (step + 1) % cfg.eval_every == 0:
+            with tr.untimed():
+                tr.record(step=step + 1, val_loss=evaluate(tr, val_tokens, inputs, g, cfg.eval_batches))
+
+    tr.save_artifact("stage1", tr.final_state("model"), {"model": mcfg.to_dict()})
+    tr.finish()
+
+
+@torch.no_grad()
+def evaluate(tr: Trainer, tokens: TokenDataset, inputs, g, n_batches: int) -> float:
+    """Mean held-out cross-entropy (no smoothing, labels kept) of the EMA weights when there are any."""
+    model = tr.eval_module("model")
+    losses = []
+    for i in range(0, min(len(tokens), n_batches * tr.cfg.batch_size), tr.cfg.batch_size):
+        codes, labels = (t.to(tr.device) for t in tokens[slice(i, i + tr.cfg.batch_size)])
+        with tr.autocast():
+            losses.append(code_loss(model(inputs(codes, labels, 0.0)), codes, g).item())
+    return sum(losses) / len(losses)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""Stage 2, the pixel decoder: discriminative tokens -> VQGAN tokens (paper §3.3, A.3).
+
+One decoder-only GPT over ``[d_1 .. d_N, sep, v_1 .. v_{M-1}]`` predicting ``[v_1 .. v_M]``:
+the discriminative tokens are a causally masked prefix with their own position table, and the
+loss covers only the VQ part. Both token kinds come from one cache of the training images (and
+their mirror images): the frozen tokenizer and the trained VQGAN's encoder.
+
+    python -m training.stage2 --config training/fmnist.yaml [--steps=...]
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from digit_core.gpt import GPT
+from training.common import (TokenDataset, TrainConfig, Trainer, code_loss, load_codebook, load_data, load_encoder,
+                             load_vqgan, parse_config, to_channels, token_cache)
+
+
+@dataclass
+class Stage2Config(TrainConfig):
+    stage: ClassVar[str] = "stage2"
+    encoder: str = ""              # default <root>/ssl/encoder.safetensors
+    codebook: str = ""             # default <root>/kmeans/codebook.safetensors
+    vqgan: str = ""                # default <root>/vqgan/vqgan.safetensors
+    val_data: str = ""             # e.g. "fmnist:test": held-out loss and token accuracy
+    flip: bool = True
+    label_smoothing: float = 0.1
+    eval_every: int = 1000
+    eval_batches: int = 20
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(Stage2Config, argv)
+    tr = Trainer(cfg)
+    data, mcfg = load_data(cfg, cfg.data, train=False)
+    s2, g = mcfg.stage2, mcfg.stage2.gpt
+    N = mcfg.disc_grid ** 2
+
+    # Cached for the same reason as stage 1: the frozen encoder and VQGAN never change.
+    encoder = load_encoder(mcfg, cfg.input(cfg.encoder, "ssl/encoder.safetensors")).to(tr.device)
+    codebook = load_codebook(cfg.input(cfg.codebook, "kmeans/codebook.safetensors")).to(tr.device)
+    vqgan = load_vqgan(mcfg, cfg.input(cfg.vqgan, "vqgan/vqgan.safetensors")).to(tr.device)
+    tokenize = {"disc": lambda x: codebook.assign(encoder.features(to_channels(x, mcfg.encoder.in_chans)))[0],
+                "vq": lambda x: vqgan.encode(to_channels(x, mcfg.vqgan.in_channels))}
+    train_tokens = TokenDataset(token_cache(tr, data, "tokens", tokenize, cfg.flip), ("disc", "vq"))
+    val_tokens = None
+    if cfg.val_data:
+        val = load_data(cfg, cfg.val_data, train=False)[0]
+        val_tokens = TokenDataset(token_cache(tr, val, "val_tokens", tokenize, False), ("disc", "vq"))
+    del encoder, codebook, vqgan
+
+    model = tr.add("model", GPT(g))
+    tr.info(f"stage 2 GPT: {tr.modules['model'].num_params() / 1e6:.2f}M parameters, {len(train_tokens)} rows")
+    tr.resume()
+
+    def inputs(disc: torch.Tensor, vq: torch.Tensor) -> torch.Tensor:
+        """``[d + disc_offset, sep, v_1 .. v_{M-1} + vq_offset]``."""
+        sep = torch.full_like(vq[:, :1], s2.sep_id)
+        return torch.cat([disc + s2.disc_offset, sep, vq[:, :-1] + s2.vq_offset], 1)
+
+    batches = tr.batches(train_tokens)
+    for step in tr.loop():
+        disc, vq = next(batches)
+        model.train()
+        with tr.autocast():
+            logits = model(inputs(disc, vq))[:, N:]       # the positions that predict v_1 .. v_M
+            loss = code_loss(logits, vq, g, cfg.label_smoothing)
+        gnorm = tr.step_optim(loss)
+        tr.log(samples=vq.shape[0], tokens=disc.numel() + vq.numel(), loss=loss.item(), grad_norm=gnorm)
+        if val_tokens is not None and (step + 1) % cfg.eval_every == 0:
+            with tr.untimed():
+                tr.record(step=step + 1, **evaluate(tr, val_tokens, inputs, N, g, cfg.eval_batches))
+
+    tr.save_artifact("stage2", tr.final_state("model"), {"model": mcfg.to_dict()})
+    tr.finish()
+
+
+@torch.no_grad()
+def evaluate(tr: Trainer, tokens: TokenDataset, inputs, N: int, g, n_batches: int) -> dict[str, float]:
+    """Held-out cross-entropy and teacher-forced top-1 accuracy of the VQ tokens."""
+    model = tr.eval_module("model")
+    losses, correct, total = [], 0, 0
+    for i in range(0, min(len(tokens), n_batches * tr.cfg.batch_size), tr.cfg.batch_size):
+        disc, vq = (t.to(tr.device) for t in tokens[slice(i, i + tr.cfg.batch_size)])
+        with tr.autocast():
+            logits = model(inputs(disc, vq))[:, N:]
+        losses.append(code_loss(logits, vq, g).item())
+        correct += (logits[..., g.out_offset: g.out_offset + g.num_out].argmax(-1) == vq).sum().item()
+        total += vq.numel()
+    return {"val_loss": sum(losses) / len(losses), "val_token_acc": correct / total}
+
+
+if __name__ == "__main__":
+    main()
