@@ -10,16 +10,29 @@ The KV cache is one preallocated tensor ``[n_layer, 2, B, n_head, context, head_
 ``forward(idx, start, cache)`` writes the keys/values of positions ``start .. start+S-1`` in
 place and attends over the whole cache with a position mask, so shapes never change between
 steps: decoding one token costs one token's compute and the ONNX graph is static.
+
+``step(idx, start, cache)`` is the functional twin for ONNX export: it returns the last
+position's logits and an updated copy of the cache, reading the old cache without writing it.
 """
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import GPTConfig
+
+
+class PastKV(NamedTuple):
+    """One layer's cache in the functional step: read keys ``k`` and values ``v``
+    ``[B, H, context, hd]``, append this chunk's ``[2, B, H, S, hd]`` keys/values to ``new``."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    new: list[torch.Tensor]
 
 
 class SelfAttention(nn.Module):
@@ -31,20 +44,32 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, kv: torch.Tensor | None, pos: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, kv: torch.Tensor | PastKV | None,
+                pos: torch.Tensor) -> torch.Tensor:
         B, S, D = x.shape
         q, k, v = self.qkv(x).view(B, S, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
-        if kv is not None:
+        if isinstance(kv, PastKV):
+            # Functional (export): attend over [old cache | this chunk] side by side, so the graph
+            # only reads the cache; writing it once at the end is the caller's job.
+            kv.new.append(torch.stack((k, v)))
+            keys, values = (kv.k.to(q.dtype), k), (kv.v.to(q.dtype), v)
+        elif kv is not None:
             # kv: [2, B, H, context, hd]; write this chunk, then attend over the whole cache.
             kv.index_copy_(3, pos, torch.stack((k, v)).to(kv.dtype))
-            k, v = kv[0].to(q.dtype), kv[1].to(q.dtype)
+            keys, values = (kv[0].to(q.dtype),), (kv[1].to(q.dtype),)
+        else:
+            keys, values = (k,), (v,)
         # Plain softmax(QK^T)V: on CPU it trains ~2x faster than SDPA's backward in bf16,
         # and it exports to ONNX as ordinary MatMul/Softmax.
-        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))
+        scores = [q @ t.transpose(-2, -1) for t in keys]
+        att = (scores[0] if len(scores) == 1 else torch.cat(scores, -1)) * (1.0 / math.sqrt(self.head_dim))
         att = att.masked_fill(~mask, float("-inf"))
         att = self.drop(torch.softmax(att.float(), dim=-1).to(q.dtype))
-        y = (att @ v).transpose(1, 2).reshape(B, S, D)
-        return self.drop(self.proj(y))
+        parts = att.split([t.shape[-2] for t in values], -1)
+        y = parts[0] @ values[0]
+        for a, t in zip(parts[1:], values[1:]):
+            y = y + a @ t
+        return self.drop(self.proj(y.transpose(1, 2).reshape(B, S, D)))
 
 
 class Block(nn.Module):
@@ -61,7 +86,8 @@ class Block(nn.Module):
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, kv: torch.Tensor | None, pos: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, kv: torch.Tensor | PastKV | None,
+                pos: torch.Tensor) -> torch.Tensor:
         if self.norm_first:  # pre-LN (GPT-2; official stage 2)
             x = x + self.attn(self.ln1(x), mask, kv, pos)
             return x + self.mlp(self.ln2(x))
@@ -121,16 +147,42 @@ class GPT(nn.Module):
         ctx = self.cfg.context
         if cache is None and isinstance(start, int) and start + S > ctx:
             raise ValueError(f"sequence of {S} tokens at position {start} exceeds the context of {ctx}")
-        start_t = torch.as_tensor(start, dtype=torch.long, device=idx.device).reshape(())
-        pos = start_t + torch.arange(S, device=idx.device)
-        x = self.tok_emb(idx) * self.cfg.embed_scale + self.position_table()[pos]
-        x = self.drop(x)
+        pos = self._positions(idx, start)
         if cache is None:
             mask = pos[:, None] >= pos[None, :]
         else:
             mask = torch.arange(ctx, device=idx.device)[None, :] <= pos[:, None]
-        for i, block in enumerate(self.blocks):
-            x = block(x, mask, None if cache is None else cache[i], pos)
-        if self.ln_f is not None:
-            x = self.ln_f(x)
-        return self.head(x)
+        return self.head(self._trunk(idx, pos, mask, [None] * len(self.blocks) if cache is None else cache))
+
+    def step(self, idx: torch.Tensor, start: torch.Tensor, cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Functional decoding step (what ONNX export traces): ``(logits [B, out_vocab]`` of the last
+        position, a copy of ``cache`` with positions ``start .. start+S-1`` filled in``)``. ``cache``
+        itself is not written: the graph reads each layer's slice once and writes the cache once."""
+        S = idx.shape[1]
+        ctx = self.cfg.context
+        pos = self._positions(idx, start)
+        # cached positions before start, then causal within the chunk
+        mask = torch.cat(((torch.arange(ctx, device=idx.device)[None, :] < pos[:1, None]).expand(S, ctx),
+                          pos[None, :] <= pos[:, None]), -1)
+        new: list[torch.Tensor] = []
+        flat = cache.flatten(0, 1)   # [2L, ...]: keys and values of a layer are one slice each
+        x = self._trunk(idx, pos, mask, [PastKV(flat[2 * i], flat[2 * i + 1], new) for i in range(len(self.blocks))])
+        # index_put exports as ScatterND (a memcpy plus one row per index); index_copy's
+        # ScatterElements runs elementwise over the whole cache, ~10x slower in onnxruntime.
+        L, two, B, H = cache.shape[:4]
+        rows = (torch.arange(L, device=idx.device)[:, None, None, None, None],
+                torch.arange(two, device=idx.device)[:, None, None, None],
+                torch.arange(B, device=idx.device)[:, None, None], torch.arange(H, device=idx.device)[:, None], pos)
+        return self.head(x[:, -1]), cache.index_put(rows, torch.stack(new).to(cache.dtype))
+
+    def _positions(self, idx: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
+        start_t = torch.as_tensor(start, dtype=torch.long, device=idx.device).reshape(())
+        return start_t + torch.arange(idx.shape[1], device=idx.device)
+
+    def _trunk(self, idx: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor,
+               kvs: torch.Tensor | list[torch.Tensor | PastKV | None]) -> torch.Tensor:
+        """Embeddings, blocks and final norm: hidden states ``[B, S, d_model]`` before the head."""
+        x = self.drop(self.tok_emb(idx) * self.cfg.embed_scale + self.position_table()[pos])
+        for block, kv in zip(self.blocks, kvs):
+            x = block(x, mask, kv, pos)
+        return x if self.ln_f is None else self.ln_f(x)

@@ -1,0 +1,140 @@
+"""onnxruntime (the exported bundle) vs PyTorch eager, for the bundled model's architecture.
+
+    python -m bench.bench_runtime [--threads 2]
+
+Exports a random-weight ``fmnist_small()`` model to a temp bundle and prints one markdown table:
+tokenizer (images/s, batch 1 and 32), stage-1 and stage-2 decoding (tokens/s, batch 1 and 16,
+beside the batch-1 memory-bandwidth floor: weight bytes per token / measured copy bandwidth),
+VQ decoding (images/s) and 8 samples end to end (seconds, with the model's default CFG 1.5).
+Both backends run the same Flows code and get the same thread count; every figure is the
+best of a few repeats, since the machine may be shared.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from bench.bench_decode import copy_bandwidth
+from digit_core.config import fmnist_small
+from digit_core.export import export_bundle
+from digit_core.flows import Flows
+from digit_core.gpt import GPT
+from digit_core.pipeline import DiGIT
+from digit_core.runtime import load_bundle
+
+REPEATS = 3
+
+
+def best_times(fns: list[Callable[[], object]], repeats: int = REPEATS, rounds: int = 2) -> list[float]:
+    """Best wall time of each function. Each runs in blocks (one untimed call, then ``repeats``
+    timed ones) so it does not pay for the threads the other backend leaves spinning (OpenMP's
+    and onnxruntime's); blocks alternate for ``rounds``, so a busy moment on a shared machine
+    does not hit only one backend."""
+    best = [float("inf")] * len(fns)
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            fn()
+            for _ in range(repeats):
+                t = time.perf_counter()
+                fn()
+                best[i] = min(best[i], time.perf_counter() - t)
+    return best
+
+
+def decode(m: Flows, stage: int, batch: int) -> Callable[[], None]:
+    """Prefill (stage 1: the class token; stage 2: the 64 prefix tokens + separator), then one
+    token per step for the rest of the grid, as the flows do; returns the timed function."""
+    c = m.config
+    n_prefix = 1 if stage == 1 else c.disc_grid ** 2 + 1
+    steps = (c.disc_grid if stage == 1 else c.vq_grid) ** 2 - 1
+    vocab = (c.stage1 if stage == 1 else c.stage2).gpt.vocab_size
+    seq = np.random.default_rng(0).integers(0, vocab, (batch, n_prefix + steps))
+
+    def run() -> None:
+        step = m.open_stage1(batch) if stage == 1 else m.open_stage2(batch)
+        step(seq[:, :n_prefix], 0)
+        for t in range(n_prefix, n_prefix + steps):
+            step(seq[:, t:t + 1], t)
+    return run
+
+
+def numpy_feeds(m, stage: int, batch: int) -> Callable[[], None]:
+    """The same decode loop feeding numpy arrays to ``session.run`` (the alternative to IO binding)."""
+    c = m.config
+    g = (c.stage1 if stage == 1 else c.stage2).gpt
+    sess = m.sessions[f"stage{stage}"]
+    n_prefix = 1 if stage == 1 else c.disc_grid ** 2 + 1
+    steps = (c.disc_grid if stage == 1 else c.vq_grid) ** 2 - 1
+    seq = np.random.default_rng(0).integers(0, g.vocab_size, (batch, n_prefix + steps))
+
+    def run() -> None:
+        cache = np.zeros((g.n_layer, 2, batch, g.n_head, g.context, g.head_dim), np.float32)
+        _, cache = sess.run(None, {"tokens": seq[:, :n_prefix], "start": np.array(0), "cache": cache})
+        for t in range(n_prefix, n_prefix + steps):
+            _, cache = sess.run(None, {"tokens": seq[:, t:t + 1], "start": np.array(t), "cache": cache})
+    return run
+
+
+def weight_bytes(gpt: GPT) -> int:
+    """Bytes of the weights a decoding step reads in full (embedding tables only give one row)."""
+    return sum(p.numel() * p.element_size() for n, p in gpt.named_parameters() if not n.startswith(("tok_emb", "pos_")))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = DiGIT(fmnist_small())
+    with torch.no_grad():
+        model.codebook.set_centroids(torch.randn(model.codebook.size, model.codebook.dim))
+    tmp = tempfile.TemporaryDirectory()
+    bundle = load_bundle(export_bundle(model, Path(tmp.name) / "fmnist"), device="cpu", threads=args.threads)
+    c = model.config
+    bw = copy_bandwidth()
+    images = {b: np.random.default_rng(0).integers(0, 256, (b, c.image_size, c.image_size, 3), dtype=np.uint8)
+              for b in (1, 8, 32)}
+    vq = np.random.default_rng(0).integers(0, c.vqgan.n_embed, (8, c.vq_grid, c.vq_grid))
+    steps = {1: c.disc_grid ** 2 - 1, 2: c.vq_grid ** 2 - 1}
+
+    rows: list[tuple[str, str, float, float, str]] = []   # what, unit, ort, eager, floor
+    for b in (1, 32):
+        t_o, t_e = best_times([lambda m=m: m.tokenize(images[b]) for m in (bundle, model)])
+        rows.append((f"tokenizer, batch {b}", "images/s", b / t_o, b / t_e, ""))
+    for stage, gpt in ((1, model.stage1), (2, model.stage2)):
+        floor = bw / weight_bytes(gpt)
+        for b in (1, 16):
+            t_o, t_e = best_times([decode(m, stage, b) for m in (bundle, model)])
+            rows.append((f"stage-{stage} decoding, batch {b}", "tokens/s", b * steps[stage] / t_o,
+                         b * steps[stage] / t_e, f"{floor:,.0f}" if b == 1 else ""))
+    t_o, t_e = best_times([lambda m=m: m.decode_vq(vq) for m in (bundle, model)])
+    rows.append(("VQ decoding, batch 8", "images/s", 8 / t_o, 8 / t_e, ""))
+    classes = list(range(8))
+    t_o, t_e = best_times([lambda m=m: m.sample(classes, seed=0, cfg=1.5) for m in (bundle, model)], repeats=3)
+
+    print(f"onnxruntime {ort.__version__} (CPUExecutionProvider) vs PyTorch {torch.__version__} eager, "
+          f"{args.threads} threads, fmnist_small() random weights; copy bandwidth {bw / 1e9:.1f} GB/s\n")
+    print("| what | unit | onnxruntime | eager | ratio | batch-1 bandwidth floor |")
+    print("|---|---|---:|---:|---:|---:|")
+    for what, unit, o, e, floor in rows:
+        print(f"| {what} | {unit} | {o:,.0f} | {e:,.0f} | {o / e:.2f}x | {floor} |")
+    print(f"| end-to-end, 8 samples (CFG 1.5) | seconds | {t_o:.3f} | {t_e:.3f} | {t_e / t_o:.2f}x | |")
+
+    # IO binding (what the runtime does) vs numpy feeds, stage-1 decoding on this CPU
+    notes = []
+    for b in (1, 16):
+        t_io, t_np = best_times([decode(bundle, 1, b), numpy_feeds(bundle, 1, b)])
+        notes.append(f"batch {b}: IO binding {b * steps[1] / t_io:,.0f} vs numpy feeds {b * steps[1] / t_np:,.0f} tokens/s")
+    print("\nstage-1 decoding, " + "; ".join(notes))
+
+
+if __name__ == "__main__":
+    main()

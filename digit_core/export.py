@@ -1,0 +1,291 @@
+"""PyTorch -> ONNX: a bundle of five graphs + manifest that ``digit_core.runtime`` runs without torch.
+
+    tokenizer.onnx   uint8 images [N, H, W, 3] -> ids [N, n, n], sq. distances [N, n, n], features [N, n, n, d]
+    vq_encoder.onnx  uint8 images [N, H, W, 3] -> VQ ids [N, m, m]
+    vq_decoder.onnx  VQ ids [N, m, m] -> uint8 images [N, H, W, 3]
+    stage1.onnx      (tokens [B, S], start, cache [L, 2, B, H, context, hd]) -> (logits [B, V], cache_out)
+    stage2.onnx      the same for stage 2
+
+Each stage graph serves both prefill (S > 1) and decoding (S = 1): it traces ``GPT.step``, the
+functional twin of the in-place cached forward. Every graph is checked against PyTorch on
+fresh random inputs at another batch size than it was traced with (so the dynamic axes are
+exercised too); the bundle is written to a temp directory and renamed into place.
+
+    python -m digit_core.export --model MODEL_DIR --out exported/NAME
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+import torch
+import torch.nn as nn
+
+from .gpt import GPT
+from .pipeline import DiGIT, images_to_input
+
+FORMAT = "digit-bundle"
+FORMAT_VERSION = 1
+MAX_IR_VERSION = 13   # onnxruntime 1.31 reads <= 13 (onnx 1.23 would write 14): we write the opset's minimum
+RTOL = 1e-4           # max |ort - torch| / max |torch| tolerated at export
+TRACE_BATCH, CHECK_BATCH = 2, 3
+
+
+class GPTStep(nn.Module):
+    """``GPT.step`` as a module: ``(tokens, start, cache) -> (logits of the last position, cache_out)``."""
+
+    def __init__(self, gpt: GPT) -> None:
+        super().__init__()
+        self.gpt = gpt
+
+    def forward(self, tokens: torch.Tensor, start: torch.Tensor, cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.gpt.step(tokens, start, cache)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def git_commit() -> str:
+    try:
+        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return r.stdout.strip() if r.returncode == 0 and r.stdout.strip() else "unknown"
+
+
+# -- the graphs ----------------------------------------------------------------------------------
+def _graph_specs(model: DiGIT) -> dict[str, dict[str, Any]]:
+    """Per graph: module, example inputs (at batch ``b``), I/O names and dynamic axes."""
+    c = model.config
+    s, n, m = c.image_size, c.disc_grid, c.vq_grid
+
+    def images(b: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+        return (torch.randint(0, 256, (b, s, s, 3), dtype=torch.uint8, generator=g),)
+
+    def vq_ids(b: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+        return (torch.randint(0, c.vqgan.n_embed, (b, m, m), generator=g),)
+
+    def stage(gpt: GPT) -> Callable[[int, torch.Generator], tuple[torch.Tensor, ...]]:
+        def inputs(b: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+            S = min(3 + b, gpt.cfg.context)   # a prefill chunk whose length differs between trace and check
+            return (torch.randint(0, gpt.cfg.vocab_size, (b, S), generator=g), torch.tensor(0), gpt.new_cache(b))
+        return inputs
+
+    batch = {0: "N"}
+    step_io = dict(inputs=["tokens", "start", "cache"], outputs=["logits", "cache_out"],
+                   axes={"tokens": {0: "B", 1: "S"}, "cache": {2: "B"}, "logits": {0: "B"}, "cache_out": {2: "B"}})
+    return {
+        "tokenizer": dict(module=model.disc_tokenizer, make=images, inputs=["images"], outputs=["ids", "dists", "features"],
+                          axes={k: batch for k in ("images", "ids", "dists", "features")}),
+        "vq_encoder": dict(module=model.vq_encoder, make=images, inputs=["images"], outputs=["ids"],
+                           axes={"images": batch, "ids": batch}),
+        "vq_decoder": dict(module=model.vq_decoder, make=vq_ids, inputs=["ids"], outputs=["images"],
+                           axes={"ids": batch, "images": batch}),
+        "stage1": dict(module=GPTStep(model.stage1), make=stage(model.stage1), **step_io),
+        "stage2": dict(module=GPTStep(model.stage2), make=stage(model.stage2), **step_io),
+    }
+
+
+def _export_graph(spec: dict[str, Any], path: Path, opset: int) -> None:
+    """Trace one module to ``path``, with the IR version onnxruntime reads."""
+    example = spec["make"](TRACE_BATCH, torch.Generator().manual_seed(0))
+    with torch.no_grad(), warnings.catch_warnings():
+        outputs = spec["module"](*example)
+        # The TorchScript exporter is deprecated in favour of dynamo, which needs onnxscript;
+        # our graphs are plain static-shape tensor code, which it exports exactly.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(spec["module"], example, str(path), dynamo=False, opset_version=opset,
+                          input_names=spec["inputs"], output_names=spec["outputs"], dynamic_axes=spec["axes"],
+                          do_constant_folding=True)
+    proto = onnx.load(str(path))
+    # The tracer names every reshaped dim symbolically; state the static ones, which the runtime checks.
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    for value, tensor in zip(proto.graph.output, outputs):
+        dynamic = spec["axes"].get(value.name, {})
+        for axis, dim in enumerate(value.type.tensor_type.shape.dim):
+            if axis in dynamic:
+                dim.dim_param = dynamic[axis]
+            else:
+                dim.dim_value = tensor.shape[axis]
+    proto.ir_version = onnx.helper.find_min_ir_version_for(list(proto.opset_import))
+    if proto.ir_version > MAX_IR_VERSION:
+        raise ValueError(f"opset {opset} needs ONNX IR version {proto.ir_version} > {MAX_IR_VERSION}, "
+                         "more than onnxruntime reads")
+    onnx.checker.check_model(proto)
+    for f in path.parent.iterdir():   # a graph over 2 GB came with one file per tensor: keep one .data file
+        if f != path:
+            f.unlink()
+    big = sum(t.ByteSize() for t in proto.graph.initializer) > 1_800_000_000
+    onnx.save_model(proto, str(path), save_as_external_data=big, location=path.name + ".data" if big else None)
+
+
+def _rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
+
+
+def _check_nearest(name: str, ids: np.ndarray, ref_ids: np.ndarray, dists: np.ndarray) -> None:
+    """Ids must equal PyTorch's, except at near-ties where either choice is the nearest within RTOL.
+    ``dists [..., K]``: PyTorch's squared distances to every code."""
+    diff = ids != ref_ids
+    if not diff.any():
+        return
+    d = dists.reshape(-1, dists.shape[-1])[diff.reshape(-1)]
+    chosen = np.take_along_axis(d, ids.reshape(-1)[diff.reshape(-1), None], 1)[:, 0]
+    best = d.min(1)
+    if (chosen - best > RTOL * np.maximum(np.abs(best), 1.0)).any():
+        raise RuntimeError(f"{name}.onnx: {int(diff.sum())} token ids differ from PyTorch beyond near-ties")
+
+
+def _check_graph(name: str, spec: dict[str, Any], path: Path, model: DiGIT) -> None:
+    """Run the exported graph in onnxruntime on new random inputs; raise naming the graph on a mismatch."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    g = torch.Generator().manual_seed(1)
+    inputs = spec["make"](CHECK_BATCH, g)
+    feeds = {k: v.numpy() for k, v in zip(spec["inputs"], inputs)}
+    out = sess.run(None, feeds)
+
+    def close(what: str, a: np.ndarray, b: np.ndarray) -> None:
+        if a.shape != b.shape:
+            raise RuntimeError(f"{name}.onnx: {what} has shape {a.shape}, PyTorch gives {b.shape}")
+        err = _rel_err(a, b)
+        if not err <= RTOL:
+            raise RuntimeError(f"{name}.onnx: {what} differs from PyTorch by relative error {err:.2e} > {RTOL:g}")
+
+    with torch.no_grad():
+        if name == "tokenizer":
+            ids, dists, feats = model.disc_tokenizer(inputs[0])
+            close("features", out[2], feats.numpy())
+            close("distances", out[1], dists.numpy())
+            f = feats.reshape(-1, feats.shape[-1])
+            full = (f.pow(2).sum(1, keepdim=True) - 2 * f @ model.codebook.centroids.t() + model.codebook.centroid_sq)
+            _check_nearest(name, out[0], ids.numpy(), full.numpy())
+        elif name == "vq_encoder":
+            z = model.vqgan.encode_latent(images_to_input(inputs[0], model.config.vqgan.in_channels))
+            z = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+            e = model.vqgan.quantize.embedding.weight
+            full = z.pow(2).sum(1, keepdim=True) - 2 * z @ e.t() + e.pow(2).sum(1)
+            _check_nearest(name, out[0], model.vq_encoder(inputs[0]).numpy(), full.numpy())
+        elif name == "vq_decoder":
+            ref = model.vq_decoder(inputs[0]).numpy()
+            if out[0].shape != ref.shape or np.abs(out[0].astype(int) - ref).max() > 1:
+                raise RuntimeError(f"{name}.onnx: images differ from PyTorch by more than one level")
+        else:   # a prefill chunk, then one decode step from the graph's own cache
+            gpt: GPT = spec["module"].gpt
+            tokens, _, cache = inputs
+            close("prefill logits", out[0], gpt(tokens, 0, cache)[:, -1].numpy())
+            close("prefill cache", out[1], cache.numpy())
+            nxt = torch.randint(0, gpt.cfg.vocab_size, (CHECK_BATCH, 1), generator=g)
+            S = tokens.shape[1]
+            out = sess.run(None, {"tokens": nxt.numpy(), "start": np.array(S, np.int64), "cache": out[1]})
+            close("decode logits", out[0], gpt(nxt, S, cache)[:, -1].numpy())
+            close("decode cache", out[1], cache.numpy())
+
+
+# -- the bundle ----------------------------------------------------------------------------------
+def export_bundle(model: DiGIT, out_dir: str | Path, *, opset: int = 17, check: bool = True) -> Path:
+    """Export ``model`` to the bundle directory ``out_dir`` (replaced atomically); returns its path.
+
+    Every graph has a dynamic batch axis (and the stage graphs a dynamic sequence axis).
+    ``check`` runs each graph in onnxruntime against PyTorch and raises on a mismatch.
+    """
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if model.device.type != "cpu" or model.stage1.head.weight.dtype != torch.float32:
+        model = copy.deepcopy(model).cpu().float()   # graphs are float32; leave the caller's model be
+    was_training = model.training
+    model.eval()
+    try:
+        return _write_bundle(model, out, opset, check)
+    finally:
+        model.train(was_training)
+
+
+def _write_bundle(model: DiGIT, out: Path, opset: int, check: bool) -> Path:
+    cfg = model.config
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        graphs: dict[str, str] = {}
+        ir_version = 0
+        for name, spec in _graph_specs(model).items():
+            scratch = tmp / f".{name}"   # torch may write external tensors beside the graph
+            scratch.mkdir()
+            _export_graph(spec, scratch / f"{name}.onnx", opset)
+            if check:
+                _check_graph(name, spec, scratch / f"{name}.onnx", model)
+            ir_version = max(ir_version, onnx.load(str(scratch / f"{name}.onnx"), load_external_data=False).ir_version)
+            for f in scratch.iterdir():
+                os.replace(f, tmp / f.name)
+            scratch.rmdir()
+            graphs[name] = f"{name}.onnx"
+        cfg.save(tmp / "config.json")
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "name": cfg.name,
+            "image_size": cfg.image_size,
+            "channels": cfg.channels,
+            "disc_grid": cfg.disc_grid,
+            "vq_grid": cfg.vq_grid,
+            "codebook_size": cfg.codebook.size,
+            "vq_vocab": cfg.vqgan.n_embed,
+            "num_classes": cfg.stage1.num_classes,
+            "special_ids": {"stage1": {"bos": cfg.stage1.bos_id, "null_class": cfg.stage1.null_class_id,
+                                       "class_offset": cfg.stage1.class_offset, "code_offset": cfg.stage1.code_offset},
+                            "stage2": {"sep": cfg.stage2.sep_id, "vq_offset": cfg.stage2.vq_offset,
+                                       "disc_offset": cfg.stage2.disc_offset}},
+            "class_names": list(cfg.class_names),
+            "sampling": cfg.to_dict()["sampling"],
+            "opset": opset,
+            "ir_version": ir_version,
+            "producer": {"git_commit": git_commit(), "torch": torch.__version__, "onnx": onnx.__version__},
+            "config": cfg.to_dict(),
+            "graphs": graphs,
+            "files": {f.name: {"sha256": sha256(f), "size": f.stat().st_size} for f in sorted(tmp.iterdir())},
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        # Swap in: the old bundle moves aside first, so a crash leaves one complete bundle.
+        old = out.with_name(f".{out.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Export a saved DiGIT model (DiGIT.save directory) to an ONNX bundle.")
+    p.add_argument("--model", required=True, help="model directory: config.json + model.safetensors")
+    p.add_argument("--out", required=True, help="bundle directory to write, e.g. exported/fmnist")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--no-check", action="store_true", help="skip the onnxruntime-vs-PyTorch check")
+    a = p.parse_args(argv)
+    path = export_bundle(DiGIT.load(a.model), a.out, opset=a.opset, check=not a.no_check)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
