@@ -366,15 +366,57 @@ def fmnist_small() -> DiGITConfig:
     )
 
 
+FAIRSEQ_SPECIALS = 5  # fairseq dictionary: <s>=0, <pad>=1, </s>=2, <unk>=3, <n>=4
+FAIRSEQ_EOS = 2
+FAIRSEQ_POS_OFFSET = 2  # learned positions start at padding_idx (1) + 1
+
+
+def fairseq_layout(
+    name: str,
+    encoder: EncoderConfig,
+    codebook_size: int,
+    vqgan: VQGANConfig,
+    num_classes: int,
+    gpt1: dict[str, Any],
+    gpt2: dict[str, Any],
+    sampling: SamplingConfig | None = None,
+    class_names: list[str] | None = None,
+) -> DiGITConfig:
+    """A model with the official fairseq token layout (see shared/notes/official-digit.md).
+
+    Stage 1 ids: 5 specials, codes ``[5, 5+K)``, classes ``[K+5, K+5+C)``; ``</s>`` starts
+    the sequence. Stage 2 ids: 5 specials, VQ codes ``[5, 5+V)``, then the stage-1 dictionary
+    shifted by ``V+5`` (cluster c -> ``V+5+5+c``); ``</s>`` separates prefix and VQ tokens.
+    ``gpt1``/``gpt2`` give the sizes (n_layer, n_head, d_model, d_ff, max_len).
+    """
+    sp, K, V = FAIRSEQ_SPECIALS, codebook_size, vqgan.n_embed
+    dict_len, vq_dict = K + sp, V + sp
+    common = dict(pos_offset=FAIRSEQ_POS_OFFSET, dropout=0.0)
+    s1 = Stage1Config(
+        gpt=GPTConfig(vocab_size=dict_len + num_classes, out_vocab=dict_len, out_offset=sp, num_out=K,
+                      norm_first=False, final_norm=False, embed_scale=math.sqrt(gpt1["d_model"]), **common, **gpt1),
+        num_classes=num_classes, code_offset=sp, class_offset=dict_len, bos_id=FAIRSEQ_EOS,
+        null_class_id=None, label_dropout=0.0,
+    )
+    s2 = Stage2Config(
+        gpt=GPTConfig(vocab_size=vq_dict + dict_len, out_vocab=vq_dict, out_offset=sp, num_out=V,
+                      prefix_len=encoder.grid ** 2, norm_first=True, final_norm=True,
+                      embed_scale=math.sqrt(gpt2["d_model"]), **common, **gpt2),
+        vq_offset=sp, disc_offset=vq_dict + sp, sep_id=FAIRSEQ_EOS,
+    )
+    return DiGITConfig(
+        name=name, image_size=encoder.image_size, channels=3, encoder=encoder,
+        codebook=CodebookConfig(size=K, dim=encoder.width), vqgan=vqgan, stage1=s1, stage2=s2,
+        sampling=sampling or SamplingConfig(), class_names=list(class_names or []),
+    ).validate()
+
+
 def _official(size: str, num_classes: int) -> DiGITConfig:
     """The official DiGIT ImageNet models (fairseq layout; see shared/notes/official-digit.md)."""
     base = size == "base"
     width, depth, heads = (768, 12, 12) if base else (1024, 24, 16)
     K = 8192 if base else 16000
     d1, l1 = (1024, 16) if base else (1536, 24)
-    specials = 5
-    dict_len = K + specials                       # fairseq dictionary: 5 specials + K clusters
-    vq_dict = 1024 + specials                     # VQ-side dictionary
     enc = EncoderConfig(
         kind="dinov2", image_size=256, model_size=224, in_chans=3, patch_size=14, width=width, depth=depth,
         heads=heads, num_registers=4, layerscale=1.0, feature_block=depth - 3, final_norm=True,
@@ -383,24 +425,11 @@ def _official(size: str, num_classes: int) -> DiGITConfig:
     )
     vq = VQGANConfig(arch="mage", resolution=256, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,),
                      z_channels=256, n_embed=1024, embed_dim=256)
-    fairseq = dict(n_layer=l1, n_head=16, d_model=d1, d_ff=4 * d1, max_len=1024, pos_offset=2,
-                   embed_scale=math.sqrt(d1), dropout=0.0)
-    s1 = Stage1Config(
-        gpt=GPTConfig(vocab_size=dict_len + num_classes, out_vocab=dict_len, out_offset=specials, num_out=K,
-                      norm_first=False, final_norm=False, **fairseq),
-        num_classes=num_classes, code_offset=specials, class_offset=dict_len, bos_id=2,
-        null_class_id=None, label_dropout=0.0,
-    )
-    s2 = Stage2Config(
-        gpt=GPTConfig(vocab_size=vq_dict + dict_len, out_vocab=vq_dict, out_offset=specials, num_out=1024,
-                      prefix_len=256, norm_first=True, final_norm=True, **fairseq),
-        vq_offset=specials, disc_offset=vq_dict + specials, sep_id=2,
-    )
-    return DiGITConfig(
-        name=f"digit-{size}-imagenet{'-cls' if num_classes else ''}", image_size=256, channels=3, encoder=enc,
-        codebook=CodebookConfig(size=K, dim=width), vqgan=vq, stage1=s1, stage2=s2,
+    gpt = dict(n_layer=l1, n_head=16, d_model=d1, d_ff=4 * d1, max_len=1024)
+    return fairseq_layout(
+        f"digit-{size}-imagenet{'-cls' if num_classes else ''}", enc, K, vq, num_classes, gpt, gpt,
         sampling=SamplingConfig(top_k=(300 if num_classes else 200) if base else 400, stage2_top_p=0.8),
-    ).validate()
+    )
 
 
 def imagenet_base(class_conditional: bool = True) -> DiGITConfig:
