@@ -15,9 +15,22 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 
-def _tracing() -> bool:
+def tracing() -> bool:
     """True while exporting: value checks would be baked into the graph or break it."""
     return torch.jit.is_tracing() or torch.compiler.is_compiling()
+
+
+def nearest(x: torch.Tensor, codes: torch.Tensor, codes_sq: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest row of ``codes [K, d]`` for each row of ``x [M, d]``: ``(ids [M], squared distance [M])``.
+
+    One matmul, ``||x||^2 - 2 x.C + ||C||^2``; ties go to the lowest index. Shared by the
+    K-Means tokenizer and the VQGAN quantizer.
+    """
+    sq = codes.pow(2).sum(1) if codes_sq is None else codes_sq
+    d = x.pow(2).sum(1, keepdim=True) - 2 * x @ codes.t() + sq
+    dist, ids = d.min(1)
+    return ids, dist.clamp_min(0.0)  # rounding can push exact matches below zero
 
 
 def _tensor(x: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -128,11 +141,6 @@ class Codebook(nn.Module):
         return cls(tensors["centroids"], **kw)
 
     # -- assignment ------------------------------------------------------------------------
-    def _nearest(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        d = x.pow(2).sum(1, keepdim=True) - 2 * x @ self.centroids.t() + self.centroid_sq
-        dist, ids = d.min(1)  # ties go to the lowest index
-        return ids, dist.clamp_min(0.0)  # rounding can push exact matches below zero
-
     def assign(self, features: torch.Tensor, chunk_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``features [..., d]`` -> ``(ids int64 [...], squared distance float32 [...])``.
 
@@ -146,13 +154,13 @@ class Codebook(nn.Module):
             raise ValueError(f"features must be [..., {self.dim}], got {list(features.shape)}")
         lead = features.shape[:-1]
         x = features.reshape(-1, self.dim).to(self.centroids.dtype)
-        if not _tracing() and not torch.isfinite(x).all():
+        if not tracing() and not torch.isfinite(x).all():
             raise ValueError("features contain NaN/inf values")
         step = chunk_rows or self.chunk_rows
         if x.shape[0] <= step:
-            ids, dist = self._nearest(x)
+            ids, dist = nearest(x, self.centroids, self.centroid_sq)
         else:
-            parts = [self._nearest(x[i:i + step]) for i in range(0, x.shape[0], step)]
+            parts = [nearest(x[i:i + step], self.centroids, self.centroid_sq) for i in range(0, x.shape[0], step)]
             ids, dist = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         return ids.reshape(lead), dist.reshape(lead)
 

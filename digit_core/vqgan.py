@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .codebook import nearest, tracing
 from .config import VQGANConfig
 
 
@@ -43,11 +44,6 @@ ARCHS = {
 }
 
 BETA = 0.25  # commitment weight, as taming
-
-
-def _tracing() -> bool:
-    """True while exporting: value checks would be baked into the graph or break it."""
-    return torch.jit.is_tracing() or torch.compiler.is_compiling()
 
 
 def _norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -217,9 +213,7 @@ class VectorQuantizer(nn.Module):
 
     def nearest(self, z: torch.Tensor) -> torch.Tensor:
         """``[M, d]`` -> int64 ``[M]``; one matmul, ties go to the lowest index (argmin)."""
-        e = self.embedding.weight
-        d = z.pow(2).sum(1, keepdim=True) - 2 * z @ e.t() + e.pow(2).sum(1)
-        return d.argmin(1)
+        return nearest(z, self.embedding.weight)[0]
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``z [N, d, h, w]`` -> ``(zq, ids [N, h, w], loss)``; zq carries z's gradient."""
@@ -311,7 +305,7 @@ class VQGAN(nn.Module):
             raise ValueError(f"ids must be int64 or int32, got {ids.dtype}")
         if ids.dim() != 3 or ids.shape[1] != m or ids.shape[2] != m:
             raise ValueError(f"ids must be [N, {m}, {m}], got {list(ids.shape)}")
-        if not _tracing() and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n):
+        if not tracing() and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n):
             raise ValueError(f"ids must lie in [0, {n}), got [{int(ids.min())}, {int(ids.max())}]")
 
 
