@@ -4,15 +4,23 @@ Both kinds are one ViT implementation, timm's ``VisionTransformer``:
 
 * ``kind="dinov2"`` reproduces the official DiGIT tokenizer: DINOv2 with 4 registers, input
   resized 256 -> 224 inside the model (bicubic, no antialias), the 37x37 position table
-  resampled the official way (bicubic, no antialias, offset 0.1) and stored, features of the
-  third-to-last block with the final LayerNorm applied, CLS and registers dropped.
+  resampled the official way (bicubic, no antialias, offset 0.1) once at load time, features of
+  the third-to-last block with the final LayerNorm applied, CLS and registers dropped.
 * ``kind="vit"`` is our small ViT for small images (the bundled Fashion-MNIST model).
+
+timm's layout differs from facebookresearch's: registers are ``reg_token`` (not
+``register_tokens``), and with ``no_embed_class=True`` the position table covers the patches
+only, the CLS position being folded into ``cls_token``. Token order is the same in both:
+``[CLS, 4 registers, patches]``, registers carrying no position.
+
+Attention uses timm's default path (fused ``scaled_dot_product_attention`` when available):
+the TorchScript ONNX exporter handles it at opset >= 14 and it is faster for SSL training.
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
+import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -20,105 +28,150 @@ from timm.models.vision_transformer import VisionTransformer
 
 from .config import EncoderConfig
 
+StateDict = dict[str, torch.Tensor]
+
+
+def bicubic_resize_matrix(n_in: int, scale: float) -> torch.Tensor:
+    """``[n_out, n_in]`` weights of ``F.interpolate(mode="bicubic", scale_factor=scale,
+    align_corners=False)`` along one axis, read off torch's own float32 kernel by resizing an
+    identity (float32 on purpose: its coefficients differ from exact ones by ~2e-5, and the
+    official features were computed with it).
+
+    Bicubic resizing is separable, so ``W @ x @ W.T`` is that interpolate for square images, to
+    ~1e-6. We resize this way because onnxruntime's cubic ``Resize`` differs from torch by ~1e-4
+    on N(0, 1) inputs, while two MatMuls match it to ~1e-6.
+    """
+    eye = torch.eye(n_in).view(n_in, 1, 1, n_in)
+    w = F.interpolate(eye, scale_factor=(1.0, scale), mode="bicubic", align_corners=False)
+    return w[:, 0, 0, :].t().contiguous()
+
 
 class Encoder(nn.Module):
-    """``features(images [N, C, S, S] in [0, 1]) -> [N, n, n, d]`` from ``cfg.block_index``."""
+    """``features(images [N, C, S, S] in [0, 1]) -> [N, n, n, d]`` from block ``cfg.block_index``.
+
+    The timm model is ``self.vit`` (state dict keys ``vit.*``). The module starts in eval mode;
+    freezing it is the caller's business (the small ViT is trained by SSL).
+    """
 
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__()
         if cfg.kind not in ("dinov2", "vit"):
             raise ValueError(f"unknown encoder kind {cfg.kind!r}; choose 'dinov2' or 'vit'")
+        if len(cfg.mean) < cfg.in_chans or len(cfg.std) < cfg.in_chans:
+            raise ValueError(f"encoder mean/std have {len(cfg.mean)}/{len(cfg.std)} values for {cfg.in_chans} channels")
         self.cfg = cfg
-        self.vit = VisionTransformer(
+        args = dict(
             img_size=cfg.model_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans, embed_dim=cfg.width,
             depth=cfg.depth, num_heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, reg_tokens=cfg.num_registers,
             init_values=cfg.layerscale, num_classes=0, global_pool="",
-            # DINOv2 as timm holds it: the CLS position is folded into cls_token (see
-            # _official_to_timm), so positions cover the patches only.
+            # timm's DINOv2 presets: positions cover the patches only (the CLS position lives in
+            # cls_token), so the table is exactly the official resampled patch grid.
             no_embed_class=cfg.kind == "dinov2",
         )
+        # The config is the source of truth; a timm name only adds timm's preset metadata.
+        vit = timm.create_model(cfg.timm_name, pretrained=False, **args) if cfg.timm_name else VisionTransformer(**args)
+        if not isinstance(vit, VisionTransformer):
+            raise ValueError(f"timm model {cfg.timm_name!r} is a {type(vit).__name__}, not a VisionTransformer")
+        self.vit = vit
         c = cfg.in_chans
-        self.register_buffer("mean", torch.tensor(cfg.mean[:c], dtype=torch.float32).view(1, c, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(cfg.std[:c], dtype=torch.float32).view(1, c, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor(cfg.mean[:c]).view(1, c, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg.std[:c]).view(1, c, 1, 1), persistent=False)
+        resize = None
+        if cfg.model_size != cfg.image_size:
+            resize = bicubic_resize_matrix(cfg.image_size, cfg.model_size / cfg.image_size)
+            if resize.shape[0] != cfg.model_size:
+                raise ValueError(f"resizing {cfg.image_size} by {cfg.model_size}/{cfg.image_size} gives "
+                                 f"{resize.shape[0]} pixels, not model_size {cfg.model_size}")
+        self.register_buffer("resize", resize, persistent=False)
         self.eval()
 
     def _check(self, images: torch.Tensor) -> None:
-        c, s = self.cfg.in_chans, self.cfg.image_size
-        if not isinstance(images, torch.Tensor) or images.ndim != 4:
-            raise ValueError(f"encoder expects images [N, {c}, {s}, {s}], got {getattr(images, 'shape', type(images))}")
+        c, s, m = self.cfg.in_chans, self.cfg.image_size, self.cfg.model_size
+        want = f"float images [N, {c}, {s}, {s}] in [0, 1]" + (f" (resized to {m} inside the model)" if m != s else "")
+        if not isinstance(images, torch.Tensor):
+            raise ValueError(f"encoder expects {want}, got {type(images).__name__}")
+        if images.ndim != 4 or tuple(images.shape[1:]) != (c, s, s):
+            raise ValueError(f"encoder expects {want}, got shape {tuple(images.shape)}")
         if not images.is_floating_point():
-            raise ValueError(f"encoder expects float images in [0, 1], got dtype {images.dtype}")
-        if tuple(images.shape[1:]) != (c, s, s):
-            raise ValueError(f"encoder expects images [N, {c}, {s}, {s}], got {tuple(images.shape)}")
+            raise ValueError(f"encoder expects {want}, got dtype {images.dtype}")
 
     def tokens(self, images: torch.Tensor, upto_block: int | None = None) -> torch.Tensor:
-        """All tokens ``[N, 1 + R + n*n, d]`` after block ``upto_block`` (default: the last)."""
+        """All tokens ``[N, 1 + R + n*n, d]`` (CLS, registers, patches) output by block
+        ``upto_block`` (negative counts from the end; default the last), before the final norm."""
         self._check(images)
-        x = (images - self.mean) / self.std
-        if self.cfg.model_size != self.cfg.image_size:
-            # The official code resizes the normalised 256 image to 224 this way (no antialias).
-            x = F.interpolate(x, scale_factor=self.cfg.model_size / self.cfg.image_size, mode="bicubic",
-                              align_corners=False)
+        x = (images.to(self.mean.dtype) - self.mean) / self.std
+        if self.resize is not None:
+            # The official code normalises, then resizes 256 -> 224 with bicubic F.interpolate.
+            x = self.resize @ x @ self.resize.t()
         v = self.vit
-        x = v.norm_pre(v._pos_embed(v.patch_embed(x)))
+        x = v.norm_pre(v.patch_drop(v._pos_embed(v.patch_embed(x))))   # timm's forward_features order
         last = self.cfg.depth - 1 if upto_block is None else upto_block % self.cfg.depth
         for block in v.blocks[: last + 1]:   # later blocks cannot change the features: skip them
             x = block(x)
         return x
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Patch features ``[N, n, n, d]``: block ``cfg.block_index``, then the final LayerNorm
+        when ``cfg.final_norm``; CLS and register tokens dropped."""
         x = self.tokens(images, self.cfg.block_index)
         if self.cfg.final_norm:
             x = self.vit.norm(x)
-        x = x[:, self.vit.num_prefix_tokens:]
         n = self.cfg.grid
-        return x.reshape(x.shape[0], n, n, self.cfg.width)
+        # reshape with x.shape[0], not unflatten: the ONNX tracer would bake the batch size into
+        # unflatten's output shape, breaking consumers of features.shape (Codebook.assign)
+        return x[:, self.vit.num_prefix_tokens:].reshape(x.shape[0], n, n, x.shape[-1])
 
 
 def resample_pos_embed_official(table: torch.Tensor, grid: int, offset: float = 0.1) -> torch.Tensor:
-    """DINOv2's own ``interpolate_pos_encoding``: patch positions ``[S*S, d]`` (or the whole
-    ``[1, 1 + S*S, d]`` table, CLS first) -> ``[grid*grid, d]``.
+    """DINOv2's own ``interpolate_pos_encoding``: the patch positions of ``table`` -> ``[grid*grid, d]``.
 
-    Bicubic without antialias, with scale factor ``(grid + offset) / S``: the sampling
-    coordinates use that scale, not ``grid / S``, which is what the released centroids saw.
+    ``table`` is the official ``[1, 1 + S*S, d]`` (CLS first, dropped here: the CLS position is
+    kept as is by the caller) or a patch table ``[1, S*S, d]`` / ``[S*S, d]``. Bicubic without
+    antialias, with ``scale_factor=(grid + offset) / S``: the sampling coordinates use that
+    scale, not ``grid / S``. This is what the released centroids saw; the torch.hub/HF defaults
+    (antialias, offset 0) give a measurably different table.
     """
     t = table.reshape(-1, table.shape[-1])
-    S = int(round(t.shape[0] ** 0.5))
+    rows, d = t.shape
+    S = int(round(rows ** 0.5))
+    if S * S != rows:
+        t, S = t[1:], int(round((rows - 1) ** 0.5))
     if S * S != t.shape[0]:
-        t, S = t[1:], int(round((t.shape[0] - 1) ** 0.5))   # drop the CLS position
-    if S * S != t.shape[0]:
-        raise ValueError(f"position table of {table.shape[-2]} rows is not a square grid (+ CLS)")
-    d = t.shape[-1]
+        raise ValueError(f"position table of {rows} rows is neither S*S nor 1 + S*S")
+    if S == grid:
+        return t   # the official code skips resampling when the grid already fits
     scale = (grid + offset) / S
-    out = F.interpolate(t.float().reshape(1, S, S, d).permute(0, 3, 1, 2), scale_factor=(scale, scale),
-                        mode="bicubic", antialias=False)
+    # float32 at least, like the official code (half-precision tables); float64 stays exact
+    t = t.to(torch.promote_types(t.dtype, torch.float32))
+    out = F.interpolate(t.reshape(1, S, S, d).permute(0, 3, 1, 2), scale_factor=(scale, scale),
+                        mode="bicubic", align_corners=False, antialias=False)
     if out.shape[-2:] != (grid, grid):
-        raise ValueError(f"resampling {S}x{S} with offset {offset} gave {tuple(out.shape[-2:])}, not {grid}x{grid}")
+        raise ValueError(f"resampling {S}x{S} with offset {offset} gives {tuple(out.shape[-2:])}, not {grid}x{grid}")
     return out.permute(0, 2, 3, 1).reshape(grid * grid, d).to(table.dtype)
 
 
-def _official_to_timm(state: dict[str, torch.Tensor], grid: int, offset: float) -> dict[str, torch.Tensor]:
-    """facebookresearch DINOv2(-reg) names -> timm names; the position table resampled officially."""
-    out: dict[str, torch.Tensor] = {}
-    pos = state["pos_embed"]
-    for k, v in state.items():
-        if k == "mask_token":
-            continue   # used only by DINOv2's iBOT training
-        if k == "pos_embed":
-            out[k] = resample_pos_embed_official(v, grid, offset)[None]
-        elif k == "cls_token":
-            out[k] = v + pos[:, :1]   # official adds the CLS position; timm folds it in
-        elif k == "register_tokens":
-            out["reg_token"] = v
-        else:
-            out[re.sub(r"mlp\.w12", "mlp.fc1", re.sub(r"mlp\.w3", "mlp.fc2", k))] = v
+def _official_to_timm(state: StateDict) -> StateDict:
+    """facebookresearch DINOv2-reg names -> timm names (``pos_embed`` still the full official table)."""
+    out = {k: v for k, v in state.items() if k not in ("mask_token", "register_tokens")}   # mask: iBOT training only
+    if "register_tokens" in state:
+        out["reg_token"] = state["register_tokens"]
+    if "cls_token" in state and "pos_embed" in state:
+        out["cls_token"] = state["cls_token"] + state["pos_embed"][:, :1]   # timm folds the CLS position in
     return out
 
 
-def load_dinov2_weights(encoder: Encoder, source: str | Path | dict[str, torch.Tensor]) -> None:
-    """Load DINOv2 weights from the official ``.pth``, a timm ``.safetensors``/``.bin`` file or
-    a state dict of either layout. Official tables (37x37 + CLS) are resampled the official
-    way; a timm table must already have the model's grid. Mismatches name the keys."""
+def load_dinov2_weights(encoder: Encoder, source: str | Path | StateDict) -> None:
+    """Load DINOv2 weights into a ``kind="dinov2"`` encoder.
+
+    ``source``: the official facebookresearch ``.pth``, a timm/Hugging Face ``.safetensors`` or
+    ``.bin`` file, or an already-loaded state dict in either layout (e.g. the fairseq
+    checkpoint's ``pretrained_encoder.*`` with the prefix stripped). Any position table whose
+    size differs from the model's grid (the checkpoints' 37x37) is resampled the official way.
+    Raises ValueError naming missing/unexpected keys and shape mismatches.
+    """
+    cfg = encoder.cfg
+    if cfg.kind != "dinov2":
+        raise ValueError(f"load_dinov2_weights needs a kind='dinov2' encoder, got kind={cfg.kind!r}")
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.is_file():
@@ -131,28 +184,29 @@ def load_dinov2_weights(encoder: Encoder, source: str | Path | dict[str, torch.T
         name = str(path)
     else:
         state, name = dict(source), "state dict"
-    cfg = encoder.cfg
-    if "mask_token" in state or "register_tokens" in state:   # facebookresearch layout
-        state = _official_to_timm(state, cfg.grid, cfg.pos_interp_offset)
-    elif cfg.kind == "dinov2" and state.get("pos_embed") is not None \
-            and state["pos_embed"].shape != encoder.vit.pos_embed.shape:
-        # timm/HF copies keep the 37x37 patch table (CLS position folded into cls_token)
-        state = {**state, "pos_embed": resample_pos_embed_official(state["pos_embed"], cfg.grid,
-                                                                   cfg.pos_interp_offset)[None]}
+    # timm's layout has reg_token; the official one register_tokens (+ mask_token).
+    if "register_tokens" in state or "mask_token" in state:
+        state = _official_to_timm(state)
+    want = encoder.vit.pos_embed.shape
+    pos = state.get("pos_embed")
+    if pos is not None and pos.shape != want and pos.ndim == 3 and pos.shape[-1] == want[-1]:
+        state["pos_embed"] = resample_pos_embed_official(pos, cfg.grid, cfg.pos_interp_offset)[None]
     own = encoder.vit.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
               if k in state and state[k].shape != v.shape]
     if missing or unexpected or shapes:
-        raise ValueError(f"{name} does not fit the encoder {encoder.cfg.timm_name or encoder.cfg.kind}: "
-                         f"missing {missing}, unexpected {unexpected}, shape mismatches {shapes}")
+        raise ValueError(f"{name} does not fit the encoder {cfg.timm_name or cfg.kind}: missing {missing}, "
+                         f"unexpected {unexpected}, shape mismatches (checkpoint vs model) {shapes}")
     encoder.vit.load_state_dict(state)
 
 
 def load_dinov2_from_hub(encoder: Encoder) -> None:
-    """Online only: fetch timm's copy of the DINOv2 weights (the original 37x37 table) and load
-    it the official way; timm's own ``pretrained=True`` would resample it differently."""
-    from huggingface_hub import hf_hub_download   # optional, online-only path
-    if not encoder.cfg.timm_name:
-        raise ValueError("encoder config has no timm_name to download")
-    load_dinov2_weights(encoder, hf_hub_download(f"timm/{encoder.cfg.timm_name}", "model.safetensors"))
+    """Online only: download the official ``.pth`` that timm's preset names (cached by torch.hub)
+    and load it through ``load_dinov2_weights``. timm's own ``pretrained=True`` would resample
+    the 37x37 table its way (antialias, no offset) before we could see it."""
+    name = encoder.cfg.timm_name
+    pcfg = timm.models.get_pretrained_cfg(name) if name else None
+    if pcfg is None or not pcfg.url:
+        raise ValueError(f"no download URL for encoder timm_name {name!r}")
+    load_dinov2_weights(encoder, torch.hub.load_state_dict_from_url(pcfg.url, map_location="cpu", weights_only=True))
