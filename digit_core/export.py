@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import os
 import shutil
@@ -34,10 +33,9 @@ import torch.nn as nn
 
 from .gpt import GPT
 from .pipeline import DiGIT, images_to_input
+from .runtime import FORMAT, MAX_IR_VERSION, SUPPORTED_FORMAT_VERSIONS, sha256
 
-FORMAT = "digit-bundle"
-FORMAT_VERSION = 1
-MAX_IR_VERSION = 13   # onnxruntime 1.31 reads <= 13 (onnx 1.23 would write 14): we write the opset's minimum
+FORMAT_VERSION = SUPPORTED_FORMAT_VERSIONS[-1]
 RTOL = 1e-4           # max |ort - torch| / max |torch| tolerated at export
 TRACE_BATCH, CHECK_BATCH = 2, 3
 
@@ -53,14 +51,6 @@ class GPTStep(nn.Module):
         return self.gpt.step(tokens, start, cache)
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def git_commit() -> str:
     try:
         r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10)
@@ -73,7 +63,7 @@ def git_commit() -> str:
 def _graph_specs(model: DiGIT) -> dict[str, dict[str, Any]]:
     """Per graph: module, example inputs (at batch ``b``), I/O names and dynamic axes."""
     c = model.config
-    s, n, m = c.image_size, c.disc_grid, c.vq_grid
+    s, m = c.image_size, c.vq_grid
 
     def images(b: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
         return (torch.randint(0, 256, (b, s, s, 3), dtype=torch.uint8, generator=g),)

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 FORMAT = "digit-bundle"
 SUPPORTED_FORMAT_VERSIONS = (1,)
 SUPPORTED_OPSETS = range(13, 22)
-MAX_IR_VERSION = 13          # what onnxruntime 1.31 reads
+MAX_IR_VERSION = 13          # onnxruntime 1.31 reads <= 13 (onnx 1.23 writes 14 unless told)
 GRAPHS = ("tokenizer", "vq_encoder", "vq_decoder", "stage1", "stage2")
 
 
@@ -62,7 +62,7 @@ def cuda_available() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers() and gpu_present()
 
 
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -100,7 +100,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
         f = path / name
         if not f.is_file():
             raise BundleError(f"{path}: missing file {name}")
-        if f.stat().st_size != meta.get("size") or _sha256(f) != meta.get("sha256"):
+        if f.stat().st_size != meta.get("size") or sha256(f) != meta.get("sha256"):
             raise BundleError(f"{path}: file {name} is corrupt (its size or sha256 differs from manifest.json)")
     return man
 

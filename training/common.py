@@ -657,6 +657,24 @@ def token_cache(tr: Trainer, dataset: Dataset, name: str, tokenizers: dict[str, 
     return load_tensors(path)[0]
 
 
+def disc_tokenizer(tr: Trainer, mcfg: DiGITConfig, encoder_path: str | Path, codebook_path: str | Path) -> Any:
+    """``f(images [B, C, H, W] in [0, 1]) -> cluster ids`` of the frozen encoder + codebook."""
+    encoder = load_encoder(mcfg, encoder_path).to(tr.device)
+    codebook = load_codebook(codebook_path).to(tr.device)
+    return lambda x: codebook.assign(encoder.features(to_channels(x, mcfg.encoder.in_chans)))[0]
+
+
+def token_datasets(tr: Trainer, cfg: Any, data: Dataset, tokenizers: dict[str, Any],
+                   keys: tuple[str, ...]) -> tuple[TokenDataset, TokenDataset | None]:
+    """The training token cache (mirrors included when ``cfg.flip``) and, when ``cfg.val_data``
+    names a split, the held-out one."""
+    train = TokenDataset(token_cache(tr, data, "tokens", tokenizers, cfg.flip), keys)
+    if not cfg.val_data:
+        return train, None
+    val = load_data(cfg, cfg.val_data, train=False)[0]
+    return train, TokenDataset(token_cache(tr, val, "val_tokens", tokenizers, False), keys)
+
+
 def code_loss(logits: torch.Tensor, targets: torch.Tensor, g: Any, smoothing: float = 0.0) -> torch.Tensor:
     """Cross-entropy over the code slice ``[out_offset, out_offset + num_out)`` of the logits."""
     z = logits[..., g.out_offset: g.out_offset + g.num_out].float()

@@ -15,8 +15,8 @@ from typing import ClassVar
 import torch
 
 from digit_core.gpt import GPT
-from training.common import (TokenDataset, TrainConfig, Trainer, code_loss, load_codebook, load_data,
-                             load_encoder, parse_config, to_channels, token_cache)
+from training.common import (TokenDataset, TrainConfig, Trainer, code_loss, disc_tokenizer, load_data, parse_config,
+                             token_datasets)
 
 
 @dataclass
@@ -40,15 +40,10 @@ def main(argv: list[str] | None = None) -> None:
     # Tokenize once instead of on the fly: the frozen encoder's forward costs about as much as
     # the GPT step itself, and its output never changes, so each later epoch costs only the GPT.
     # Random crops are lost (the cache holds centre crops); flips are kept by caching both.
-    encoder = load_encoder(mcfg, cfg.input(cfg.encoder, "ssl/encoder.safetensors")).to(tr.device)
-    codebook = load_codebook(cfg.input(cfg.codebook, "kmeans/codebook.safetensors")).to(tr.device)
-    tokenize = {"disc": lambda x: codebook.assign(encoder.features(to_channels(x, mcfg.encoder.in_chans)))[0]}
-    train_tokens = TokenDataset(token_cache(tr, data, "tokens", tokenize, cfg.flip), ("disc", "label"))
-    val_tokens = None
-    if cfg.val_data:
-        val = load_data(cfg, cfg.val_data, train=False)[0]
-        val_tokens = TokenDataset(token_cache(tr, val, "val_tokens", tokenize, False), ("disc", "label"))
-    del encoder, codebook
+    tokenize = {"disc": disc_tokenizer(tr, mcfg, cfg.input(cfg.encoder, "ssl/encoder.safetensors"),
+                                       cfg.input(cfg.codebook, "kmeans/codebook.safetensors"))}
+    train_tokens, val_tokens = token_datasets(tr, cfg, data, tokenize, ("disc", "label"))
+    del tokenize
 
     model = tr.add("model", GPT(g))
     tr.info(f"stage 1 GPT: {tr.modules['model'].num_params() / 1e6:.2f}M parameters, "

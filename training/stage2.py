@@ -15,8 +15,8 @@ from typing import ClassVar
 import torch
 
 from digit_core.gpt import GPT
-from training.common import (TokenDataset, TrainConfig, Trainer, code_loss, load_codebook, load_data, load_encoder,
-                             load_vqgan, parse_config, to_channels, token_cache)
+from training.common import (TokenDataset, TrainConfig, Trainer, code_loss, disc_tokenizer, load_data, load_vqgan,
+                             parse_config, to_channels, token_datasets)
 
 
 @dataclass
@@ -40,17 +40,12 @@ def main(argv: list[str] | None = None) -> None:
     N = mcfg.disc_grid ** 2
 
     # Cached for the same reason as stage 1: the frozen encoder and VQGAN never change.
-    encoder = load_encoder(mcfg, cfg.input(cfg.encoder, "ssl/encoder.safetensors")).to(tr.device)
-    codebook = load_codebook(cfg.input(cfg.codebook, "kmeans/codebook.safetensors")).to(tr.device)
     vqgan = load_vqgan(mcfg, cfg.input(cfg.vqgan, "vqgan/vqgan.safetensors")).to(tr.device)
-    tokenize = {"disc": lambda x: codebook.assign(encoder.features(to_channels(x, mcfg.encoder.in_chans)))[0],
-                "vq": lambda x: vqgan.encode(to_channels(x, mcfg.vqgan.in_channels))}
-    train_tokens = TokenDataset(token_cache(tr, data, "tokens", tokenize, cfg.flip), ("disc", "vq"))
-    val_tokens = None
-    if cfg.val_data:
-        val = load_data(cfg, cfg.val_data, train=False)[0]
-        val_tokens = TokenDataset(token_cache(tr, val, "val_tokens", tokenize, False), ("disc", "vq"))
-    del encoder, codebook, vqgan
+    tokenize = {"disc": disc_tokenizer(tr, mcfg, cfg.input(cfg.encoder, "ssl/encoder.safetensors"),
+                                       cfg.input(cfg.codebook, "kmeans/codebook.safetensors")),
+                "vq": lambda x, vq=vqgan: vq.encode(to_channels(x, mcfg.vqgan.in_channels))}
+    train_tokens, val_tokens = token_datasets(tr, cfg, data, tokenize, ("disc", "vq"))
+    del tokenize, vqgan
 
     model = tr.add("model", GPT(g))
     tr.info(f"stage 2 GPT: {tr.modules['model'].num_params() / 1e6:.2f}M parameters, {len(train_tokens)} rows")
