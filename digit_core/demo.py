@@ -1,0 +1,260 @@
+"""Everything the Gradio demo does that is not UI: find and open bundles, example images,
+cluster statistics, the stability measurements, and running a flow as a stream of events.
+
+No torch: bundles run on ``digit_core.runtime`` (onnxruntime + numpy). Each ``Model`` caches
+only things that are the same for every user (its examples, their cluster counts, the
+stability curve); nothing per request is kept here.
+"""
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .images import load_image
+from .metrics import SNR_LEVELS_DB, add_noise, cosine_similarity, token_change_rate
+
+EXPORTED = Path("exported")
+ASSETS = Path("assets")
+DEFAULT_MODEL = EXPORTED / "fmnist"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+MAX_EXAMPLES = 16
+GENERATED_EXAMPLES = 8
+
+
+class ModelMissing(FileNotFoundError):
+    """No bundle at the given path; the message says how to get one."""
+
+
+def missing_message(path: str | Path) -> str:
+    return (f"No model bundle at '{path}' (a bundle is a folder with manifest.json and ONNX graphs). "
+            "Get one: train and export the bundled Fashion-MNIST model with `bash training/fmnist.sh` "
+            "(writes exported/fmnist), or export a saved model with "
+            "`python -m digit_core.export --model MODEL_DIR --out exported/NAME`; "
+            "then run `python app.py --model exported/NAME`.")
+
+
+def list_bundles(root: str | Path = EXPORTED) -> list[str]:
+    """Bundle folders (those with a manifest.json) directly under ``root``."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(str(p) for p in root.iterdir() if (p / "manifest.json").is_file())
+
+
+@dataclass
+class Model:
+    """An opened bundle and the per-model data the demo derives from it (computed once)."""
+
+    path: Path
+    flows: Any                      # digit_core.runtime.Bundle (or any Flows)
+    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+    _cache: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def config(self):
+        return self.flows.config
+
+    @property
+    def class_names(self) -> list[str]:
+        c = self.config
+        return list(c.class_names) or [f"class {i}" for i in range(c.stage1.num_classes)]
+
+    @property
+    def has_cfg(self) -> bool:
+        return self.config.stage1.num_classes > 0 and self.config.stage1.null_class_id is not None
+
+    def _once(self, key: str, make: Callable[[], Any]) -> Any:
+        with self._lock:
+            if key not in self._cache:
+                self._cache[key] = make()
+            return self._cache[key]
+
+    # -- example images ------------------------------------------------------------------------
+    def examples(self) -> tuple[list[tuple[str, np.ndarray]], str]:
+        """``[(name, uint8 image)]`` and where they came from: the bundle's or assets' example
+        images, else samples of the model itself (seed 0), so every bundle has some."""
+        return self._once("examples", self._load_examples)
+
+    def _example_files(self) -> tuple[list[Path], Path | None]:
+        for folder in (self.path / "examples", ASSETS / "examples" / self.path.name, ASSETS / "examples"):
+            if folder.is_dir():
+                files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:MAX_EXAMPLES]
+                if files:
+                    return files, folder
+        return [], None
+
+    def example_names(self) -> list[str]:
+        """The examples' names, without decoding or generating them."""
+        files, _ = self._example_files()
+        if files:
+            return [p.stem for p in files]
+        C = self.config.stage1.num_classes
+        return [f"sample {i}: {self.class_names[i % C]}" if C else f"sample {i}" for i in range(GENERATED_EXAMPLES)]
+
+    def _load_examples(self) -> tuple[list[tuple[str, np.ndarray]], str]:
+        files, folder = self._example_files()
+        if files:
+            imgs = [load_image(p, self.config.image_size) for p in files]
+            return list(zip(self.example_names(), imgs)), f"{len(files)} example images from {folder}"
+        C, k = self.config.stage1.num_classes, GENERATED_EXAMPLES
+        imgs = self.flows.sample(class_ids=[i % C for i in range(k)], seed=0) if C else self.flows.sample(n=k, seed=0)
+        return (list(zip(self.example_names(), imgs)),
+                f"{k} images this model generated (seed 0), as the bundle and assets/ ship no example images")
+
+    def example(self, name: str) -> np.ndarray:
+        for n, img in self.examples()[0]:
+            if n == name:
+                return img
+        raise ValueError(f"no example named {name!r}")
+
+    # -- clusters --------------------------------------------------------------------------------
+    def cluster_sizes(self) -> tuple[np.ndarray, str]:
+        """Patches per cluster ``[K]`` and a sentence saying where the counts come from."""
+        return self._once("sizes", self._cluster_sizes)
+
+    def _cluster_sizes(self) -> tuple[np.ndarray, str]:
+        K = self.config.codebook.size
+        f = self.path / "cluster_sizes.json"
+        if f.is_file():
+            d = json.loads(f.read_text())
+            sizes = np.asarray(d["sizes"] if isinstance(d, dict) else d, dtype=np.int64)
+            if sizes.shape == (K,):
+                return sizes, "cluster sizes: training-set patch counts shipped with the bundle"
+        imgs = np.stack([img for _, img in self.examples()[0]])
+        ids = self.flows.tokenize(imgs)[0]
+        return (np.bincount(ids.ravel(), minlength=K),
+                f"cluster sizes: counted over the tokens of the {len(imgs)} example images "
+                "(the bundle ships no training-set statistics)")
+
+    def cluster_gallery(self, k: int) -> Path | None:
+        """A picture of training patches of cluster ``k``, if the bundle or assets ship one."""
+        for folder in (self.path / "clusters", ASSETS / "clusters" / self.path.name, ASSETS / "clusters"):
+            p = folder / f"{int(k)}.png"
+            if p.is_file():
+                return p
+        return None
+
+    def model_card(self) -> str | None:
+        f = self.path / "MODEL_CARD.md"
+        return f.read_text() if f.is_file() else None
+
+    # -- stability ---------------------------------------------------------------------------------
+    def stability_curve(self) -> dict[str, list[float]]:
+        """Change rates of both tokenizers (and feature cos-sim) at the paper's SNRs, over the examples."""
+        return self._once("curve", self._stability_curve)
+
+    def _stability_curve(self) -> dict[str, list[float]]:
+        imgs = np.stack([img for _, img in self.examples()[0]])
+        ids, _, feats = self.flows.tokenize(imgs)
+        vq = self.flows.vq_tokenize(imgs)
+        out: dict[str, list[float]] = {"snr_db": list(SNR_LEVELS_DB), "disc_change": [], "vq_change": [], "disc_cos_sim": []}
+        rng = np.random.default_rng(0)
+        for snr in SNR_LEVELS_DB:
+            noisy = add_noise(imgs, snr, rng)
+            nids, _, nfeats = self.flows.tokenize(noisy)
+            out["disc_change"].append(token_change_rate(ids, nids))
+            out["vq_change"].append(token_change_rate(vq, self.flows.vq_tokenize(noisy)))
+            out["disc_cos_sim"].append(cosine_similarity(feats, nfeats))
+        out["num_images"] = len(imgs)
+        return out
+
+
+def stability_one(model: Model, image: np.ndarray, snr_db: float, seed: int) -> dict[str, Any]:
+    """Noise one image at ``snr_db``; which discriminative / VQ tokens changed, and how many."""
+    noisy = add_noise(image[None], snr_db, np.random.default_rng(seed))
+    both = np.concatenate([image[None], noisy])
+    ids, _, feats = model.flows.tokenize(both)
+    vq = model.flows.vq_tokenize(both)
+    return {"noisy": noisy[0], "disc_changed": ids[0] != ids[1], "vq_changed": vq[0] != vq[1],
+            "disc_change_rate": token_change_rate(ids[:1], ids[1:]), "vq_change_rate": token_change_rate(vq[:1], vq[1:]),
+            "disc_cos_sim": cosine_similarity(feats[0], feats[1])}
+
+
+# -- sampling arguments --------------------------------------------------------------------------------
+RANDOM = "random"
+UNCONDITIONAL = "(unconditional)"
+
+
+def class_choices(model: Model) -> list[str]:
+    return [RANDOM, *model.class_names] if model.config.stage1.num_classes else [UNCONDITIONAL]
+
+
+def resolve_classes(model: Model, choice: str | None, n: int, seed: int) -> list[int] | None:
+    """The class id of each of ``n`` samples: a named class, ``random`` (drawn from ``seed``), or
+    None for an unconditional model."""
+    C = model.config.stage1.num_classes
+    if C == 0:
+        return None
+    if choice in (None, "", RANDOM):
+        return np.random.default_rng([int(seed), 7919]).integers(0, C, size=n).tolist()
+    names = model.class_names
+    if choice not in names:
+        raise ValueError(f"unknown class {choice!r}; this model has: {', '.join(names)} (or '{RANDOM}')")
+    return [names.index(choice)] * n
+
+
+def keep_rows_for(percent: float, grid: int) -> int:
+    """Whole token rows nearest to ``percent`` of the grid, at least 1 and at most grid - 1."""
+    return int(min(grid - 1, max(1, round(float(percent) / 100.0 * grid))))
+
+
+def timing_text(timings: dict[str, float], batch: int, n: int, m: int) -> str:
+    t1, t2, t3 = timings.get("stage1", 0.0), timings.get("stage2", 0.0), timings.get("decode", 0.0)
+    return (f"stage 1: {t1:.2f} s ({batch * n * n / max(t1, 1e-9):,.0f} tokens/s) · "
+            f"stage 2: {t2:.2f} s ({batch * m * m / max(t2, 1e-9):,.0f} tokens/s) · "
+            f"VQ decode: {t3:.3f} s · total {t1 + t2 + t3:.2f} s for {batch} image(s)")
+
+
+# -- streaming -----------------------------------------------------------------------------------------
+class _Cancelled(Exception):
+    pass
+
+
+def stream(run: Callable[..., Any], min_interval: float = 0.05) -> Iterator[tuple[str, Any]]:
+    """Run ``run(on_token=...)`` in a thread; yield ``("token", codes_so_far)`` as stage 1 goes
+    (at most one per ``min_interval`` seconds, but always the last), then ``("done", result)``.
+    Errors are re-raised here; closing the iterator (the user left) stops the worker at its next token."""
+    q: queue.Queue = queue.Queue()
+    stop = threading.Event()
+
+    def on_token(step: int, codes: np.ndarray) -> None:
+        if stop.is_set():
+            raise _Cancelled
+        q.put(("token", codes))
+
+    def work() -> None:
+        try:
+            q.put(("done", run(on_token=on_token)))
+        except _Cancelled:
+            pass
+        except BaseException as err:  # handed to the consumer
+            q.put(("error", err))
+
+    threading.Thread(target=work, daemon=True, name="digit-flow").start()
+    last, t_last = None, 0.0
+    try:
+        while True:
+            kind, value = q.get()
+            if kind == "token":
+                last = value
+                if q.empty() and time.perf_counter() - t_last >= min_interval:
+                    t_last = time.perf_counter()
+                    yield kind, value
+                    last = None
+                continue
+            if last is not None:
+                yield "token", last
+            if kind == "error":
+                raise value
+            yield kind, value
+            return
+    finally:
+        stop.set()

@@ -1,0 +1,328 @@
+"""The Gradio demo end to end: app.py in a subprocess on a tiny exported bundle, driven through
+gradio_client (every endpoint, a bad-upload battery, 20 concurrent clients) and a headless
+Chromium (every tab, one action each, a screenshot each).
+
+The browser part is marked ``browser``; ``pytest -m 'not browser'`` skips it.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import io
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from digit_core.config import tiny
+from digit_core.export import export_bundle
+from digit_core.images import load_image
+from digit_core.pipeline import DiGIT
+from digit_core.runtime import load_bundle
+
+gradio_client = pytest.importorskip("gradio_client")
+from gradio_client import Client, handle_file  # noqa: E402
+
+from chromium_cdp import Browser, find_chromium  # noqa: E402  (tests/ is on sys.path under pytest)
+
+ROOT = Path(__file__).resolve().parents[1]
+ENDPOINTS = {"/sample", "/tokenize", "/complete", "/stability"}
+STARTUP_LIMIT_S = 5.0
+
+
+# -- fixtures --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    m = DiGIT(tiny(3))
+    with torch.no_grad():   # spread the centroids so tokenize uses many clusters
+        m.codebook.set_centroids(torch.randn(16, 32) * 0.3)
+    return export_bundle(m, tmp_path_factory.mktemp("exported") / "tiny")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(bundle: Path, tmp_path_factory: pytest.TempPathFactory):
+    """app.py on a free port; yields (url, startup seconds as the app measured them)."""
+    port = _free_port()
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", GRADIO_TEMP_DIR=str(tmp_path_factory.mktemp("gradio")),
+               PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "app.py", "--model", str(bundle), "--port", str(port), "--threads", "1"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def drain() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+            if "ready on" in line:
+                ready.set()
+    threading.Thread(target=drain, daemon=True).start()
+    try:
+        if not ready.wait(90):
+            pytest.fail("app.py did not start in 90 s:\n" + "".join(lines))
+        startup = float(re.search(r"\(([\d.]+) s after start\)", "".join(lines)).group(1))
+        yield f"http://127.0.0.1:{port}/", startup
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def client(server) -> Client:
+    return Client(server[0], verbose=False)
+
+
+@pytest.fixture(scope="module")
+def local(bundle: Path):
+    return load_bundle(bundle, device="cpu", threads=1)
+
+
+def _png(path: str) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def _sample(client: Client, bundle: Path, seed: int, cls: str = "class 1", n: int = 3, **kw):
+    args = dict(class_name=cls, num_samples=n, temperature=1.0, top_k=0, top_p=1.0, cfg_scale=1.0, seed=seed,
+                color_by="id", model=str(bundle)) | kw
+    return client.predict(*args.values(), api_name="/sample")
+
+
+def _save(img: Image.Image, path: Path, **kw) -> Path:
+    img.save(path, **kw)
+    return path
+
+
+# -- startup, torch-free -----------------------------------------------------------------------------
+def test_app_starts_fast_and_names_its_endpoints(server, client: Client) -> None:
+    url, startup = server
+    assert startup < STARTUP_LIMIT_S, f"startup took {startup:.1f} s"
+    assert set(client.view_api(return_format="dict", print_info=False)["named_endpoints"]) == ENDPOINTS
+
+
+def test_app_imports_no_torch(bundle: Path) -> None:
+    code = ("import sys, app; app.build(app.Registry(sys.argv[1], 'cpu', 1)); "
+            "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')); "
+            "print('TORCH', bad); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code, str(bundle)], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, GRADIO_ANALYTICS_ENABLED="False"))
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_missing_model_gives_a_clear_message(tmp_path: Path) -> None:
+    import app
+    missing = tmp_path / "no-such-bundle"
+    with pytest.raises(FileNotFoundError, match=re.escape(str(missing))) as err:
+        app.Registry(str(missing), "cpu", 1).get(None)
+    assert "training/fmnist.sh" in str(err.value) and "digit_core.export" in str(err.value)
+    blocks = app.build(app.Registry(str(missing), "cpu", 1))          # the UI still comes up, saying so
+    texts = [getattr(b, "value", None) for b in blocks.blocks.values()]
+    assert any(isinstance(t, str) and str(missing) in t and "training/fmnist.sh" in t for t in texts)
+
+
+# -- endpoints ---------------------------------------------------------------------------------------
+def test_sample_shapes_seeds_and_streaming(client: Client, bundle: Path, local) -> None:
+    plot, gallery, timings, data = _sample(client, bundle, seed=3)
+    assert plot["type"] == "plotly" and "stage 1" in timings and "tokens/s" in timings
+    imgs = [_png(g["image"]) for g in gallery]
+    assert len(imgs) == 3 and all(i.shape == (16, 16, 3) for i in imgs)
+    assert np.asarray(data["disc_tokens"]).shape == (3, 4, 4) and np.asarray(data["vq_tokens"]).shape == (3, 4, 4)
+    assert data["class_ids"] == [1, 1, 1] and set(data["timings"]) == {"stage1", "stage2", "decode"}
+    # same seed, same images; and they are what the runtime gives for these arguments
+    again = [_png(g["image"]) for g in _sample(client, bundle, seed=3)[1]]
+    assert all(np.array_equal(a, b) for a, b in zip(imgs, again))
+    ref = local.generate([1, 1, 1], seed=3, temperature=1.0)
+    assert np.array_equal(np.stack(imgs), ref.images) and data["disc_tokens"] == ref.disc_tokens.tolist()
+    other = _sample(client, bundle, seed=4)[3]
+    assert other["disc_tokens"] != data["disc_tokens"]
+    # "random" draws the classes from the seed; the stream shows stage 1 before the result
+    job = client.submit("random", 4, 1.0, 5, 0.9, 2.0, 11, "probability", str(bundle), api_name="/sample")
+    final = job.result()
+    assert len(job.outputs()) >= 2 and len(final[1]) == 4 and all(0 <= c < 3 for c in final[3]["class_ids"])
+
+
+def test_tokenize(client: Client, bundle: Path, local, tmp_path: Path) -> None:
+    rgb = np.random.default_rng(1).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    f = _save(Image.fromarray(rgb), tmp_path / "photo.png")
+    overlay, disc, vq, hist, note, data, *rest = client.predict(handle_file(f), None, str(bundle), api_name="/tokenize")
+    img = load_image(f, 16)
+    ids, dists, _ = local.tokenize(img[None])
+    assert data["disc_tokens"] == ids[0].tolist() and data["vq_tokens"] == local.vq_tokenize(img[None])[0].tolist()
+    assert np.allclose(data["distances"], dists[0], atol=1e-3)
+    assert len(data["cluster_sizes"]) == 4 and "example images" in data["cluster_sizes_source"] and "example" in note
+    assert _png(overlay).shape[0] >= 256 and all(p["type"] == "plotly" for p in (disc, vq, hist))
+    # an example instead of an upload; neither is a clear error
+    ex = client.predict(None, "sample 2: class 2", str(bundle), api_name="/tokenize")[5]
+    assert np.asarray(ex["disc_tokens"]).shape == (4, 4)
+    with pytest.raises(Exception, match="Upload an image or pick an example"):
+        client.predict(None, None, str(bundle), api_name="/tokenize")
+
+
+def test_complete_keeps_the_top_rows(client: Client, bundle: Path, local, tmp_path: Path) -> None:
+    rgb = np.random.default_rng(2).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    f = _save(Image.fromarray(rgb), tmp_path / "half.png")
+    plot, gallery, info, data = client.predict(handle_file(f), None, 50, 3, "class 0", 7, 1.0, 0, 1.0, True,
+                                               str(bundle), api_name="/complete")
+    assert data["keep_rows"] == 2 and len(gallery) == 4 and "top 2 of 4 token rows" in info
+    toks = np.asarray(data["disc_tokens"])
+    assert toks.shape == (3, 4, 4) and (toks[:, :2] == local.tokenize(rgb[None])[0][:, :2]).all()
+    ref = local.complete_detailed(rgb, 2, 3, class_id=0, seed=7, temperature=1.0)
+    assert np.array_equal(toks, ref.disc_tokens)
+    # 12.5% of a 4-row grid rounds to the one-row minimum; 87.5% to the three-row maximum
+    assert client.predict(handle_file(f), None, 12.5, 1, "(no class: null token)", 0, 1.0, 0, 1.0, False, str(bundle),
+                          api_name="/complete")[3]["keep_rows"] == 1
+    assert client.predict(None, "sample 0: class 0", 87.5, 1, "class 2", 0, 1.0, 0, 1.0, False, str(bundle),
+                          api_name="/complete")[3]["keep_rows"] == 3
+
+
+def test_stability(client: Client, bundle: Path) -> None:
+    pair, dmap, vmap, rates, curve, data = client.predict(None, "sample 1: class 1", 5.0, 0, str(bundle),
+                                                         api_name="/stability")
+    assert 0 <= data["disc_change_rate"] <= 1 and 0 <= data["vq_change_rate"] <= 1 and -1 <= data["disc_cos_sim"] <= 1
+    assert np.asarray(data["disc_changed"]).shape == (4, 4) and np.asarray(data["vq_changed"]).shape == (4, 4)
+    assert np.mean(data["disc_changed"]) == pytest.approx(data["disc_change_rate"])
+    c = data["curve"]
+    assert c["snr_db"] == [30, 25, 20, 15, 10, 5, 1, 0.01] and len(c["vq_change"]) == len(c["disc_change"]) == 8
+    assert "paper" in curve["plot"] and "5 dB" in rates
+    quiet = client.predict(None, "sample 1: class 1", 40.0, 0, str(bundle), api_name="/stability")[5]
+    assert quiet["disc_change_rate"] <= data["disc_change_rate"] + 1e-9 and quiet["disc_cos_sim"] > 0.99
+
+
+# -- bad uploads ------------------------------------------------------------------------------------------
+def _bad_files(d: Path) -> list[tuple[Path, str]]:
+    good = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(good, "PNG")
+    jpg = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(jpg, "JPEG")
+    cases = {
+        "text.png": (b"this is not an image\n", "not an image"),
+        "empty.jpg": (b"", "empty"),
+        "truncated.png": (good.getvalue()[: len(good.getvalue()) // 2], "truncated or corrupt"),
+        "truncated.jpg": (jpg.getvalue()[: len(jpg.getvalue()) // 2], "truncated or corrupt"),
+        "random.bin": (os.urandom(5000), "Invalid file type"),        # gradio's own check of file_types
+        "noise.webp": (os.urandom(5000), "not an image"),
+    }
+    out = []
+    for name, (raw, msg) in cases.items():
+        (d / name).write_bytes(raw)
+        out.append((d / name, msg))
+    bomb = d / "bomb.png"                                   # 49 megapixels in a few kB
+    Image.new("1", (7000, 7000)).save(bomb)
+    out.append((bomb, "too large to decode safely"))
+    return out
+
+
+def test_bad_uploads_get_clear_errors_and_the_app_keeps_answering(client: Client, bundle: Path, tmp_path: Path) -> None:
+    for path, message in _bad_files(tmp_path):
+        for api, args in [("/tokenize", (handle_file(path), None, str(bundle))),
+                          ("/stability", (handle_file(path), None, 10.0, 0, str(bundle)))]:
+            with pytest.raises(Exception, match=re.escape(message)):
+                client.predict(*args, api_name=api)
+    huge = tmp_path / "huge.png"                            # over the upload limit: refused before upload
+    huge.write_bytes(os.urandom(21 * 2**20))
+    with pytest.raises(Exception, match="maximum file size"):
+        client.predict(handle_file(huge), None, str(bundle), api_name="/tokenize")
+    with pytest.raises(Exception, match="unknown model|not in the list of choices"):
+        client.predict(None, "sample 0: class 0", "/etc", api_name="/tokenize")
+    with pytest.raises(Exception, match="unknown class|not in the list of choices"):
+        _sample(client, bundle, seed=0, cls="no such class")
+    assert len(_sample(client, bundle, seed=1)[1]) == 3     # still answering
+
+
+def test_odd_but_valid_uploads_work_through_the_api(client: Client, bundle: Path, local, tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    rgb = Image.fromarray(rng.integers(0, 256, (30, 50, 3), dtype=np.uint8))
+    rot = rgb.copy()
+    exif = rot.getexif()
+    exif[0x0112] = 6
+    files = [
+        _save(Image.fromarray(rng.integers(0, 256, (20, 20, 4), dtype=np.uint8), "RGBA"), tmp_path / "rgba.png"),
+        _save(Image.fromarray(rng.integers(0, 65535, (24, 24), dtype=np.uint16)), tmp_path / "deep.png"),
+        _save(rgb.convert("CMYK"), tmp_path / "cmyk.jpg"),
+        _save(rgb.convert("P"), tmp_path / "palette.webp", lossless=True),
+        _save(rgb, tmp_path / "anim.gif", save_all=True, append_images=[rgb.rotate(90)], duration=100),
+        _save(rot, tmp_path / "rotated.jpg", exif=exif),
+        _save(Image.new("L", (1, 1), 128), tmp_path / "tiny.bmp"),
+        _save(Image.new("RGB", (3000, 2000), (200, 30, 30)), tmp_path / "big.tiff"),
+    ]
+    for f in files:
+        data = client.predict(handle_file(f), None, str(bundle), api_name="/tokenize")[5]
+        assert data["disc_tokens"] == local.tokenize(load_image(f, 16)[None])[0][0].tolist(), f.name
+
+
+# -- many users at once ---------------------------------------------------------------------------------
+def test_twenty_concurrent_clients_each_get_their_own_result(server, bundle: Path) -> None:
+    url = server[0]
+    seeds = list(range(100, 120))
+
+    def one(seed: int):
+        _, gallery, _, data = _sample(Client(url, verbose=False), bundle, seed=seed, cls="random", n=2)
+        return data, [_png(g["image"]) for g in gallery]
+
+    with cf.ThreadPoolExecutor(20) as pool:
+        together = list(pool.map(one, seeds))
+    alone_client = Client(url, verbose=False)
+    for seed, (data, imgs) in zip(seeds, together):
+        _, gallery, _, alone = _sample(alone_client, bundle, seed=seed, cls="random", n=2)
+        assert data["seed"] == seed and data["disc_tokens"] == alone["disc_tokens"], seed
+        assert data["vq_tokens"] == alone["vq_tokens"] and data["class_ids"] == alone["class_ids"]
+        assert all(np.array_equal(a, _png(g["image"])) for a, g in zip(imgs, gallery))
+    assert len({str(d["disc_tokens"]) for d, _ in together}) == len(seeds)   # nobody got someone else's result
+
+
+# -- the page in a browser ------------------------------------------------------------------------------
+TABS = [("Generate", "generate-btn", 1), ("Tokenize", "tokenize-btn", 3), ("Complete", "complete-btn", 1),
+        ("Stability", "stability-btn", 3), ("About", None, 0)]
+VISIBLE = "[...document.querySelectorAll({sel!r})].filter(e => e.offsetParent !== null)"
+
+
+@pytest.mark.browser
+def test_every_tab_renders_in_a_browser(server, tmp_path: Path) -> None:
+    exe = find_chromium()
+    if exe is None:
+        pytest.skip("chromium is not installed (apt-get install chromium); CI installs it")
+    shots = Path(os.environ.get("DIGIT_SCREENSHOTS", tmp_path / "screenshots"))
+    shots.mkdir(parents=True, exist_ok=True)
+    b = Browser(exe, tmp_path / "profile")
+    try:
+        b.goto(server[0])
+        b.wait("document.querySelectorAll('button[role=tab]').length >= 5", 60, "the tabs")
+        assert b.js("[...document.querySelectorAll('button[role=tab]')].map(t => t.textContent.trim())") == [t for t, *_ in TABS]
+        assert "DiGIT Studio" in b.js("document.body.innerText") and "tiny" in b.js("document.body.innerText")
+        for tab, button, plots in TABS:
+            b.js(f"[...document.querySelectorAll('button[role=tab]')].find(t => t.textContent.trim() === {tab!r}).click()")
+            b.wait(f"document.querySelector('button[role=tab].selected')?.textContent.trim() === {tab!r}", 10, tab)
+            if button:
+                assert b.js(f"(() => {{ const x = document.getElementById({button!r}); x.click(); return x.offsetParent !== null; }})()")
+                b.wait(f"{VISIBLE.format(sel='.js-plotly-plot')}.length >= {plots} && "
+                       f"{VISIBLE.format(sel='.js-plotly-plot .main-svg')}.length >= {plots}", 60, f"{tab}'s plots")
+                b.wait("!document.querySelector('.progress-text, .eta-bar')", 30, f"{tab} to finish")
+            assert not b.js("[...document.querySelectorAll('.toast-body')].map(t => t.innerText).join(' ')"), tab
+            if tab in ("Generate", "Complete"):
+                n = b.wait(f"{VISIBLE.format(sel='.gallery-container img, [data-testid=gallery] img, .grid-wrap img')}.length",
+                           30, f"{tab}'s gallery")
+                assert n >= 4, f"{tab}: {n} gallery images"
+            if tab == "About":
+                text = b.js("document.body.innerText")
+                assert "arXiv:2410.12490" in text and "python -m digit_core.export" in text
+            path = b.screenshot(shots / f"{tab.lower()}.png")
+            px = np.asarray(Image.open(path).convert("L"))
+            assert px.shape[1] >= 1000 and px.std() > 5, f"{tab}: blank screenshot"
+    finally:
+        b.close()

@@ -1,0 +1,65 @@
+"""digit_core.metrics: the paper's SNR noise, token change rate, feature cosine similarity."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from digit_core.metrics import (PAPER_TABLE1, SNR_LEVELS_DB, add_noise, cosine_similarity, noise_std, snr_db,
+                                token_change_rate)
+
+
+@pytest.mark.parametrize("snr", [30.0, 20.0, 10.0, 5.0, 1.0, 0.01])
+def test_noise_power_matches_the_snr(snr: float) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0.2, 0.9, (4, 64, 64, 3))
+    x[1] *= 0.3                                        # images of different power get different noise
+    y = add_noise(x, snr, np.random.default_rng(1), clip=False)
+    p_signal = (x.reshape(4, -1) ** 2).mean(1)
+    p_noise = ((y - x).reshape(4, -1) ** 2).mean(1)
+    assert np.allclose(p_noise, p_signal / 10 ** (snr / 10), rtol=0.05)
+    assert np.allclose(snr_db(x, y), snr, atol=0.2)
+    assert noise_std(x, snr)[1] < noise_std(x, snr)[0]
+
+
+def test_uint8_images_are_scaled_clipped_and_seeded() -> None:
+    img = np.full((2, 32, 32, 3), 128, np.uint8)
+    a = add_noise(img, 10.0, np.random.default_rng(5))
+    b = add_noise(img, 10.0, np.random.default_rng(5))
+    assert a.dtype == np.uint8 and a.shape == img.shape and np.array_equal(a, b)
+    d = a.astype(float) / 255 - img / 255              # no clipping at mid grey and 10 dB: sigma ~ 0.16
+    assert abs(d.std() - np.sqrt((128 / 255) ** 2 / 10)) < 0.01
+    assert add_noise(np.ones((1, 8, 8)), 0.01, np.random.default_rng(0)).max() <= 1.0   # clipped floats
+
+
+def test_bad_noise_inputs() -> None:
+    with pytest.raises(ValueError, match="batch"):
+        add_noise(np.zeros(0), 10, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="finite"):
+        add_noise(np.zeros((1, 4, 4)), float("nan"), np.random.default_rng(0))
+
+
+def test_token_change_rate() -> None:
+    a = np.array([[[1, 2], [3, 4]], [[5, 6], [7, 8]]])
+    b = a.copy()
+    b[0, 0, 0] = 9
+    b[1] = 0
+    assert token_change_rate(a, a) == 0.0
+    assert token_change_rate(a, b) == pytest.approx(5 / 8)
+    assert np.allclose(token_change_rate(a, b, per_image=True), [0.25, 1.0])
+    with pytest.raises(ValueError, match="shape"):
+        token_change_rate(a, a[:1])
+
+
+def test_cosine_similarity() -> None:
+    x = np.array([[1.0, 0.0], [0.0, 2.0], [3.0, 4.0]])
+    y = np.array([[2.0, 0.0], [0.0, -1.0], [4.0, 3.0]])
+    assert np.allclose(cosine_similarity(x, y, per_position=True), [1.0, -1.0, 24 / 25])
+    assert cosine_similarity(x, y) == pytest.approx((1 - 1 + 24 / 25) / 3)
+    assert cosine_similarity(x, x) == pytest.approx(1.0)
+    assert cosine_similarity(np.zeros((2, 3)), np.ones((2, 3))) == 0.0     # zero vectors do not divide by zero
+
+
+def test_paper_table() -> None:
+    assert SNR_LEVELS_DB == (30, 25, 20, 15, 10, 5, 1, 0.01)
+    assert all(len(v) == 8 for v in PAPER_TABLE1.values())
+    assert all(d < v for d, v in zip(PAPER_TABLE1["disc_change"], PAPER_TABLE1["vq_change"]))
