@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 
 from .config import DiGITConfig
-from .sampling import Sampler, guide, row_generators
+from .sampling import Sampler, guide, row_generators, softmax
 
 StepFn = Callable[[np.ndarray, int], np.ndarray]
 """``step(tokens [B, S] int64, start) -> logits [B, out_vocab] float32`` of the last position;
@@ -242,7 +242,5 @@ class Flows(ABC):
 
 def _chosen_prob(logits: np.ndarray, tok: np.ndarray, temperature: float) -> np.ndarray:
     """Probability the (temperature-scaled, unfiltered) model gave to each chosen token."""
-    z = logits.astype(np.float64) / max(temperature, 1e-6)
-    z -= z.max(-1, keepdims=True)
-    p = np.exp(z)
-    return (p[np.arange(len(tok)), tok] / p.sum(-1)).astype(np.float32)
+    p = softmax(logits.astype(np.float64) / max(temperature, 1e-6))
+    return p[np.arange(len(tok)), tok].astype(np.float32)

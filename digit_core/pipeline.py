@@ -30,10 +30,17 @@ from .vqgan import VQGAN
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 
 
+def to_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """Images ``[N, C, H, W]`` as ``channels`` channels: grey is the channel mean, grey to
+    colour repeats it."""
+    if x.shape[1] == channels:
+        return x
+    return x.mean(1, keepdim=True) if channels == 1 else x.expand(-1, channels, -1, -1)
+
+
 def images_to_input(images: torch.Tensor, channels: int) -> torch.Tensor:
-    """uint8 ``[N, H, W, 3]`` -> float ``[N, channels, H, W]`` in [0, 1] (grey = channel mean)."""
-    x = images.permute(0, 3, 1, 2).float() / 255.0
-    return x.mean(1, keepdim=True) if channels == 1 else x
+    """uint8 ``[N, H, W, 3]`` -> float ``[N, channels, H, W]`` in [0, 1]."""
+    return to_channels(images.permute(0, 3, 1, 2).float() / 255.0, channels)
 
 
 def output_to_images(x: torch.Tensor) -> torch.Tensor:

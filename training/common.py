@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from digit_core.config import FAIRSEQ_SPECIALS, ConfigError, DiGITConfig, fairseq_layout, our_layout, preset
+from digit_core.pipeline import to_channels
 
 CHECKPOINT = "checkpoint.safetensors"
 STAGES = ("ssl", "features", "kmeans", "vqgan", "stage1", "stage2", "assemble")
@@ -186,13 +187,6 @@ def load_data(cfg: RunConfig, spec: str, train: bool = True) -> tuple[Dataset, D
     base = DiGITConfig.load(cfg.model) if cfg.model.endswith(".json") else preset(cfg.model)
     data = build_dataset(spec, base.image_size, base.channels, train=train)
     return data, model_config(cfg, data.classes)
-
-
-def to_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
-    """Images ``[N, C, H, W]`` as ``channels`` channels, as ``images_to_input`` would make them."""
-    if x.shape[1] == channels:
-        return x
-    return x.mean(1, keepdim=True) if channels == 1 else x.expand(-1, channels, -1, -1)
 
 
 # -- distributed ---------------------------------------------------------------------------------------
