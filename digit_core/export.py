@@ -1,10 +1,15 @@
 """PyTorch -> ONNX: a bundle of five graphs + manifest that ``digit_core.runtime`` runs without torch.
 
     tokenizer.onnx   uint8 images [N, H, W, 3] -> ids [N, n, n], sq. distances [N, n, n], features [N, n, n, d]
-    vq_encoder.onnx  uint8 images [N, H, W, 3] -> VQ ids [N, m, m]
+    vq_encoder.onnx  uint8 images [N, H, W, 3] -> VQ ids [N, m, m], latents [N, m, m, d] (before quantization)
     vq_decoder.onnx  VQ ids [N, m, m] -> uint8 images [N, H, W, 3]
     stage1.onnx      (tokens [B, S], start, cache [L, 2, B, H, context, hd]) -> (logits [B, V], cache_out)
     stage2.onnx      the same for stage 2
+
+``weights="float16"`` rounds the model's weights to float16 first and stores every initializer
+that float16 holds exactly as float16 behind a Cast (onnxruntime folds the Cast at load, so
+compute stays float32 and as fast): the bundle is half the size and equals, to float32
+rounding, the PyTorch model with float16-rounded weights -- the check below holds it to that.
 
 Each stage graph serves both prefill (S > 1) and decoding (S = 1): it traces ``GPT.step``, the
 functional twin of the in-place cached forward. Every graph is checked against PyTorch on
@@ -83,8 +88,8 @@ def _graph_specs(model: DiGIT) -> dict[str, dict[str, Any]]:
     return {
         "tokenizer": dict(module=model.disc_tokenizer, make=images, inputs=["images"], outputs=["ids", "dists", "features"],
                           axes={k: batch for k in ("images", "ids", "dists", "features")}),
-        "vq_encoder": dict(module=model.vq_encoder, make=images, inputs=["images"], outputs=["ids"],
-                           axes={"images": batch, "ids": batch}),
+        "vq_encoder": dict(module=model.vq_encoder, make=images, inputs=["images"], outputs=["ids", "latents"],
+                           axes={"images": batch, "ids": batch, "latents": batch}),
         "vq_decoder": dict(module=model.vq_decoder, make=vq_ids, inputs=["ids"], outputs=["images"],
                            axes={"ids": batch, "images": batch}),
         "stage1": dict(module=GPTStep(model.stage1), make=stage(model.stage1), **step_io),
@@ -92,7 +97,40 @@ def _graph_specs(model: DiGIT) -> dict[str, dict[str, Any]]:
     }
 
 
-def _export_graph(spec: dict[str, Any], path: Path, opset: int) -> None:
+def round_weights_to_half(model: DiGIT) -> DiGIT:
+    """A copy of ``model`` whose float tensors are rounded to float16 (and kept float32)."""
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            if t.is_floating_point():
+                t.copy_(t.half().float())
+        model.codebook.set_centroids(model.codebook.centroids)   # centroid_sq from the rounded centroids
+    return model
+
+
+def store_half(proto: onnx.ModelProto, min_size: int = 1024) -> int:
+    """Store each float32 initializer of ``min_size`` or more values that float16 holds exactly
+    as float16 + a Cast to float32 (in place); returns the bytes saved."""
+    from onnx import numpy_helper
+    g, saved, casts = proto.graph, 0, []
+    for init in g.initializer:
+        if init.data_type != onnx.TensorProto.FLOAT or np.prod(init.dims) < min_size:
+            continue
+        x = numpy_helper.to_array(init)
+        h = x.astype(np.float16)
+        if not np.array_equal(h.astype(np.float32), x):
+            continue
+        name = init.name
+        init.CopyFrom(numpy_helper.from_array(h, f"{name}.fp16"))
+        casts.append(onnx.helper.make_node("Cast", [f"{name}.fp16"], [name], to=onnx.TensorProto.FLOAT))
+        saved += x.nbytes - h.nbytes
+    nodes = casts + list(g.node)
+    del g.node[:]
+    g.node.extend(nodes)
+    return saved
+
+
+def _export_graph(spec: dict[str, Any], path: Path, opset: int, half: bool = False) -> None:
     """Trace one module to ``path``, with the IR version onnxruntime reads."""
     example = spec["make"](TRACE_BATCH, torch.Generator().manual_seed(0))
     with torch.no_grad(), warnings.catch_warnings():
@@ -113,6 +151,8 @@ def _export_graph(spec: dict[str, Any], path: Path, opset: int) -> None:
                 dim.dim_param = dynamic[axis]
             else:
                 dim.dim_value = tensor.shape[axis]
+    if half:
+        store_half(proto)
     proto.ir_version = onnx.helper.find_min_ir_version_for(list(proto.opset_import))
     if proto.ir_version > MAX_IR_VERSION:
         raise ValueError(f"opset {opset} needs ONNX IR version {proto.ir_version} > {MAX_IR_VERSION}, "
@@ -169,11 +209,12 @@ def _check_graph(name: str, spec: dict[str, Any], path: Path, model: DiGIT) -> N
             full = (f.pow(2).sum(1, keepdim=True) - 2 * f @ model.codebook.centroids.t() + model.codebook.centroid_sq)
             _check_nearest(name, out[0], ids.numpy(), full.numpy())
         elif name == "vq_encoder":
-            z = model.vqgan.encode_latent(images_to_input(inputs[0], model.config.vqgan.in_channels))
-            z = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+            ids, z = model.vq_encoder(inputs[0])
+            close("latents", out[1], z.numpy())
+            z = z.reshape(-1, z.shape[-1])
             e = model.vqgan.quantize.embedding.weight
             full = z.pow(2).sum(1, keepdim=True) - 2 * z @ e.t() + e.pow(2).sum(1)
-            _check_nearest(name, out[0], model.vq_encoder(inputs[0]).numpy(), full.numpy())
+            _check_nearest(name, out[0], ids.numpy(), full.numpy())
         elif name == "vq_decoder":
             ref = model.vq_decoder(inputs[0]).numpy()
             if out[0].shape != ref.shape or np.abs(out[0].astype(int) - ref).max() > 1:
@@ -191,25 +232,31 @@ def _check_graph(name: str, spec: dict[str, Any], path: Path, model: DiGIT) -> N
 
 
 # -- the bundle ----------------------------------------------------------------------------------
-def export_bundle(model: DiGIT, out_dir: str | Path, *, opset: int = 17, check: bool = True) -> Path:
+def export_bundle(model: DiGIT, out_dir: str | Path, *, opset: int = 17, check: bool = True,
+                  weights: str = "float32") -> Path:
     """Export ``model`` to the bundle directory ``out_dir`` (replaced atomically); returns its path.
 
     Every graph has a dynamic batch axis (and the stage graphs a dynamic sequence axis).
     ``check`` runs each graph in onnxruntime against PyTorch and raises on a mismatch.
+    ``weights``: "float32", or "float16" storage (see the module docstring).
     """
+    if weights not in ("float32", "float16"):
+        raise ValueError(f"weights must be 'float32' or 'float16', got {weights!r}")
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     if model.device.type != "cpu" or model.stage1.head.weight.dtype != torch.float32:
         model = copy.deepcopy(model).cpu().float()   # graphs are float32; leave the caller's model be
+    if weights == "float16":
+        model = round_weights_to_half(model)
     was_training = model.training
     model.eval()
     try:
-        return _write_bundle(model, out, opset, check)
+        return _write_bundle(model, out, opset, check, weights)
     finally:
         model.train(was_training)
 
 
-def _write_bundle(model: DiGIT, out: Path, opset: int, check: bool) -> Path:
+def _write_bundle(model: DiGIT, out: Path, opset: int, check: bool, weights: str) -> Path:
     cfg = model.config
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -218,7 +265,7 @@ def _write_bundle(model: DiGIT, out: Path, opset: int, check: bool) -> Path:
         for name, spec in _graph_specs(model).items():
             scratch = tmp / f".{name}"   # torch may write external tensors beside the graph
             scratch.mkdir()
-            _export_graph(spec, scratch / f"{name}.onnx", opset)
+            _export_graph(spec, scratch / f"{name}.onnx", opset, half=weights == "float16")
             if check:
                 _check_graph(name, spec, scratch / f"{name}.onnx", model)
             ir_version = max(ir_version, onnx.load(str(scratch / f"{name}.onnx"), load_external_data=False).ir_version)
@@ -245,6 +292,7 @@ def _write_bundle(model: DiGIT, out: Path, opset: int, check: bool) -> Path:
             "class_names": list(cfg.class_names),
             "sampling": cfg.to_dict()["sampling"],
             "opset": opset,
+            "weights": weights if weights == "float32" else "float16 storage, float32 compute",
             "ir_version": ir_version,
             "producer": {"git_commit": git_commit(), "torch": torch.__version__, "onnx": onnx.__version__},
             "config": cfg.to_dict(),
@@ -272,8 +320,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, help="bundle directory to write, e.g. exported/fmnist")
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--no-check", action="store_true", help="skip the onnxruntime-vs-PyTorch check")
+    p.add_argument("--weights", choices=["float32", "float16"], default="float32",
+                   help="float16: round the weights and store them in half the bytes (compute stays float32)")
     a = p.parse_args(argv)
-    path = export_bundle(DiGIT.load(a.model), a.out, opset=a.opset, check=not a.no_check)
+    path = export_bundle(DiGIT.load(a.model), a.out, opset=a.opset, check=not a.no_check, weights=a.weights)
     print(f"wrote {path}")
 
 

@@ -50,8 +50,8 @@ class Flows(ABC):
         """uint8 ``[N, H, W, 3]`` -> cluster ids ``[N, n, n]``, squared distances, features ``[N, n, n, d]``."""
 
     @abstractmethod
-    def encode_vq(self, images: np.ndarray) -> np.ndarray:
-        """uint8 ``[N, H, W, 3]`` -> VQ code ids ``[N, m, m]``."""
+    def encode_vq(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 ``[N, H, W, 3]`` -> VQ code ids ``[N, m, m]`` and the latents they quantize ``[N, m, m, d]``."""
 
     @abstractmethod
     def decode_vq(self, ids: np.ndarray) -> np.ndarray:
@@ -109,6 +109,11 @@ class Flows(ABC):
 
     def vq_tokenize(self, images: np.ndarray) -> np.ndarray:
         """VQGAN tokens ``[N, m, m]`` of images (for contrast with the discriminative ones)."""
+        return self.encode_vq(self.check_images(images))[0]
+
+    def vq_encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """VQGAN tokens ``[N, m, m]`` and the encoder latents they quantize ``[N, m, m, d]``
+        (the VQ side of the paper's feature cosine similarity, Table 1)."""
         return self.encode_vq(self.check_images(images))
 
     # -- generate -----------------------------------------------------------------------------------

@@ -63,14 +63,15 @@ class DiscTokenizer(nn.Module):
 
 
 class VQEncoder(nn.Module):
-    """uint8 images -> VQ code ids ``[N, m, m]``."""
+    """uint8 images -> VQ code ids ``[N, m, m]`` and the encoder latents they quantize ``[N, m, m, d]``."""
 
     def __init__(self, vqgan: VQGAN) -> None:
         super().__init__()
         self.vqgan = vqgan
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.vqgan.encode(images_to_input(images, self.vqgan.cfg.in_channels))
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.vqgan.encode_latent(images_to_input(images, self.vqgan.cfg.in_channels)).permute(0, 2, 3, 1)
+        return self.vqgan.quantize.nearest(z.reshape(-1, z.shape[-1])).view(z.shape[:3]), z
 
 
 class VQDecoder(nn.Module):
@@ -110,8 +111,9 @@ class DiGIT(nn.Module, Flows):
         return ids.cpu().numpy(), dist.float().cpu().numpy(), feats.float().cpu().numpy()
 
     @torch.inference_mode()
-    def encode_vq(self, images: np.ndarray) -> np.ndarray:
-        return self.vq_encoder(_tensor(images, self.device)).cpu().numpy()
+    def encode_vq(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        ids, z = self.vq_encoder(_tensor(images, self.device))
+        return ids.cpu().numpy(), z.float().cpu().numpy()
 
     @torch.inference_mode()
     def decode_vq(self, ids: np.ndarray) -> np.ndarray:

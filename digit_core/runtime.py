@@ -31,7 +31,7 @@ from .flows import Flows, StepFn
 log = logging.getLogger(__name__)
 
 FORMAT = "digit-bundle"
-SUPPORTED_FORMAT_VERSIONS = (1,)
+SUPPORTED_FORMAT_VERSIONS = (2,)   # 2: vq_encoder also returns its latents
 SUPPORTED_OPSETS = range(13, 22)
 MAX_IR_VERSION = 13          # onnxruntime 1.31 reads <= 13 (onnx 1.23 writes 14 unless told)
 GRAPHS = ("tokenizer", "vq_encoder", "vq_decoder", "stage1", "stage2")
@@ -161,7 +161,7 @@ class Bundle(Flows):
 
         want = {
             "tokenizer": ({"images": [None, s, s, 3]}, {"ids": [None, n, n], "dists": [None, n, n], "features": [None, n, n, d]}),
-            "vq_encoder": ({"images": [None, s, s, 3]}, {"ids": [None, m, m]}),
+            "vq_encoder": ({"images": [None, s, s, 3]}, {"ids": [None, m, m], "latents": [None, m, m, c.vqgan.embed_dim]}),
             "vq_decoder": ({"ids": [None, m, m]}, {"images": [None, s, s, 3]}),
             "stage1": ({"tokens": [None, None], "start": [], "cache": cache(c.stage1.gpt)},
                        {"logits": [None, c.stage1.gpt.out_vocab], "cache_out": cache(c.stage1.gpt)}),
@@ -184,8 +184,9 @@ class Bundle(Flows):
         ids, dists, feats = self.sessions["tokenizer"].run(None, {"images": images})
         return ids, dists, feats
 
-    def encode_vq(self, images: np.ndarray) -> np.ndarray:
-        return self.sessions["vq_encoder"].run(None, {"images": images})[0]
+    def encode_vq(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        ids, latents = self.sessions["vq_encoder"].run(None, {"images": images})
+        return ids, latents
 
     def decode_vq(self, ids: np.ndarray) -> np.ndarray:
         return self.sessions["vq_decoder"].run(None, {"ids": np.ascontiguousarray(ids, dtype=np.int64)})[0]

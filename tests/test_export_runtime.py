@@ -54,7 +54,7 @@ def test_bundle_layout_and_manifest(bundle_dir: Path, bundle: Bundle) -> None:
     man = json.loads((bundle_dir / "manifest.json").read_text())
     assert set(man["files"]) == {"config.json", "tokenizer.onnx", "vq_encoder.onnx", "vq_decoder.onnx",
                                  "stage1.onnx", "stage2.onnx"}
-    assert man["format_version"] == 1 and man["opset"] == 17 and man["ir_version"] <= 13
+    assert man["format_version"] == 2 and man["weights"] == "float32" and man["opset"] == 17 and man["ir_version"] <= 13
     assert man["disc_grid"] == 4 and man["vq_grid"] == 4 and man["class_names"] == ["class 0", "class 1", "class 2"]
     assert json.loads(json.dumps(bundle.config.to_dict())) == man["config"] and bundle.class_names == man["class_names"]
     assert bundle.provider == "CPUExecutionProvider"
@@ -67,6 +67,8 @@ def test_every_graph_matches_pytorch(model: DiGIT, bundle: Bundle) -> None:
     rids, rdists, rfeats = model.tokenize(imgs)
     assert np.array_equal(ids, rids) and _rel(dists, rdists) <= 1e-4 and _rel(feats, rfeats) <= 1e-4
     assert np.array_equal(bundle.vq_tokenize(imgs), model.vq_tokenize(imgs))
+    (vids, lat), (rvids, rlat) = bundle.vq_encode(imgs), model.vq_encode(imgs)
+    assert np.array_equal(vids, rvids) and lat.shape == (3, 4, 4, model.config.vqgan.embed_dim) and _rel(lat, rlat) <= 1e-4
     vq = np.random.default_rng(1).integers(0, 32, (3, 4, 4))
     assert np.abs(bundle.decode_vq(vq).astype(int) - model.decode_vq(vq)).max() <= 1
     for name, gpt in (("stage1", model.stage1), ("stage2", model.stage2)):
@@ -195,3 +197,20 @@ def test_gpt_step_equals_the_in_place_cached_forward(model: DiGIT) -> None:
             want = gpt(tokens[:, a:b], a, cache)[:, -1]
             got, functional = gpt.step(tokens[:, a:b], torch.tensor(a), functional)
             assert (got - want).abs().max() <= 1e-5 and (functional - cache).abs().max() <= 1e-6
+
+
+def test_float16_weights_halve_the_bundle_and_match_the_rounded_model(model: DiGIT, bundle_dir: Path,
+                                                                     tmp_path: Path) -> None:
+    from digit_core.export import round_weights_to_half
+    half_dir = export_bundle(model, tmp_path / "half", weights="float16")   # its own check vs the rounded model passed
+    size = lambda d: sum(f.stat().st_size for f in d.glob("*.onnx"))
+    assert size(half_dir) < 0.6 * size(bundle_dir)
+    man = json.loads((half_dir / "manifest.json").read_text())
+    assert man["weights"] == "float16 storage, float32 compute"
+    half, rounded = load_bundle(half_dir, device="cpu", threads=1), round_weights_to_half(model)
+    a, b = half.generate([0, 1], seed=3), rounded.generate([0, 1], seed=3)
+    assert np.array_equal(a.disc_tokens, b.disc_tokens) and np.array_equal(a.vq_tokens, b.vq_tokens)
+    imgs = _images(2)
+    assert _rel(half.tokenize(imgs)[2], model.tokenize(imgs)[2]) <= 1e-2   # rounding moves features a little
+    with pytest.raises(ValueError, match="weights"):
+        export_bundle(model, tmp_path / "bad", weights="int8")
