@@ -50,6 +50,7 @@ class EncoderConfig:
     timm_name: str | None = None  # e.g. "vit_base_patch14_reg4_dinov2.lvd142m"
     pos_table_size: int = 0       # DINOv2: side of the checkpoint's position table (37)
     pos_interp_offset: float = 0.1
+    source: str = ""              # how the weights were obtained (e.g. self-supervised or with labels); shown by the app
 
     @property
     def grid(self) -> int:
