@@ -97,7 +97,8 @@ def build(registry: Registry) -> gr.Blocks:
         classes = ", ".join(m.class_names) if c.stage1.num_classes else "unconditional"
         return (f"**{c.name}** · {c.image_size}×{c.image_size} images · {c.disc_grid}×{c.disc_grid} discriminative "
                 f"tokens ({c.codebook.size} clusters) → {c.vq_grid}×{c.vq_grid} VQ tokens ({c.vqgan.n_embed} codes) · "
-                f"{m.flows.provider} · classes: {classes}")
+                f"{m.flows.provider} · classes: {classes}"
+                + (f"\n\nEncoder: {c.encoder.source}" if c.encoder.source else ""))
 
     def image_of(m: demo.Model, upload: str | None, example: str | None) -> np.ndarray:
         if upload:
@@ -184,10 +185,14 @@ def build(registry: Registry) -> gr.Blocks:
             raise ValueError(f"cluster id must be 0..{m.config.codebook.size - 1}")
         sizes, _ = m.cluster_sizes()
         pic = m.cluster_gallery(k)
-        if pic is None:
-            return None, (f"Cluster **{k}** ({sizes[k]:,} patches). No gallery of its training patches: neither the "
-                          f"bundle (clusters/{k}.png) nor assets/clusters/ ships one.")
-        return str(pic), f"Cluster **{k}** ({sizes[k]:,} patches): training patches nearest its centroid."
+        if pic is not None:
+            return str(pic), (f"Cluster **{k}** ({sizes[k]:,} patches): the training patches nearest its centroid, "
+                              "each outlined in its 3×3-patch neighbourhood.")
+        folder = m.cluster_dir()
+        why = (f"no training patch sampled for {folder} falls in this cluster" if folder else
+               f"this model ships no cluster galleries (make them with `python -m training.assets --bundle {m.path} "
+               f"--data DATA`)")
+        return None, f"Cluster **{k}** ({sizes[k]:,} patches). No gallery: {why}."
 
     @friendly
     def complete(image: str | None, example: str | None, keep_percent: float, num_completions: float,

@@ -19,13 +19,13 @@ from typing import Any
 import numpy as np
 
 from .images import load_image
-from .metrics import SNR_LEVELS_DB, add_noise, cosine_similarity, token_change_rate
+from .metrics import add_noise, as_seen, cosine_similarity, stability, token_change_rate
 
 EXPORTED = Path("exported")
 ASSETS = Path("assets")
 DEFAULT_MODEL = EXPORTED / "fmnist"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
-MAX_EXAMPLES = 16
+MAX_EXAMPLES = 32              # training.assets writes 3 test images per class: 30 for Fashion-MNIST
 GENERATED_EXAMPLES = 8
 
 
@@ -120,14 +120,26 @@ class Model:
         """Patches per cluster ``[K]`` and a sentence saying where the counts come from."""
         return self._once("sizes", self._cluster_sizes)
 
+    def cluster_dir(self) -> Path | None:
+        """This model's cluster folder (``sizes.json``, ``<k>.png``, as ``training.assets`` writes
+        them): the bundle's ``clusters/``, else ``assets/clusters/<bundle name>``. One folder for
+        both, so the counts and the galleries describe the same sample; cluster ids mean nothing
+        across models, so there is no shared fallback."""
+        for folder in (self.path / "clusters", ASSETS / "clusters" / self.path.name):
+            if folder.is_dir():
+                return folder
+        return None
+
     def _cluster_sizes(self) -> tuple[np.ndarray, str]:
         K = self.config.codebook.size
-        f = self.path / "cluster_sizes.json"
-        if f.is_file():
+        folder = self.cluster_dir()
+        f = folder / "sizes.json" if folder else None
+        if f and f.is_file():
             d = json.loads(f.read_text())
-            sizes = np.asarray(d["sizes"] if isinstance(d, dict) else d, dtype=np.int64)
+            sizes = np.asarray(d["sizes"], dtype=np.int64)
             if sizes.shape == (K,):
-                return sizes, "cluster sizes: training-set patch counts shipped with the bundle"
+                return sizes, (f"cluster sizes: patch counts over {d['images']:,} images of the {d['split']} "
+                               f"split ({d['fraction']:.0%} sample), from {f}")
         imgs = np.stack([img for _, img in self.examples()[0]])
         ids = self.flows.tokenize(imgs)[0]
         return (np.bincount(ids.ravel(), minlength=K),
@@ -135,12 +147,11 @@ class Model:
                 "(the bundle ships no training-set statistics)")
 
     def cluster_gallery(self, k: int) -> Path | None:
-        """A picture of training patches of cluster ``k``, if the bundle or assets ship one."""
-        for folder in (self.path / "clusters", ASSETS / "clusters" / self.path.name, ASSETS / "clusters"):
-            p = folder / f"{int(k)}.png"
-            if p.is_file():
-                return p
-        return None
+        """A picture of the training patches nearest cluster ``k``'s centroid, if the cluster folder
+        has one (a cluster no sampled training patch fell in has none)."""
+        folder = self.cluster_dir()
+        p = folder / f"{int(k)}.png" if folder else None
+        return p if p and p.is_file() else None
 
     def model_card(self) -> str | None:
         f = self.path / "MODEL_CARD.md"
@@ -151,26 +162,15 @@ class Model:
         """Change rates of both tokenizers (and feature cos-sim) at the paper's SNRs, over the examples."""
         return self._once("curve", self._stability_curve)
 
-    def _stability_curve(self) -> dict[str, list[float]]:
-        imgs = np.stack([img for _, img in self.examples()[0]])
-        ids, _, feats = self.flows.tokenize(imgs)
-        vq = self.flows.vq_tokenize(imgs)
-        out: dict[str, list[float]] = {"snr_db": list(SNR_LEVELS_DB), "disc_change": [], "vq_change": [], "disc_cos_sim": []}
-        rng = np.random.default_rng(0)
-        for snr in SNR_LEVELS_DB:
-            noisy = add_noise(imgs, snr, rng)
-            nids, _, nfeats = self.flows.tokenize(noisy)
-            out["disc_change"].append(token_change_rate(ids, nids))
-            out["vq_change"].append(token_change_rate(vq, self.flows.vq_tokenize(noisy)))
-            out["disc_cos_sim"].append(cosine_similarity(feats, nfeats))
-        out["num_images"] = len(imgs)
-        return out
+    def _stability_curve(self) -> dict[str, list[float] | int]:
+        return stability(self.flows, np.stack([img for _, img in self.examples()[0]]), seed=0)
 
 
 def stability_one(model: Model, image: np.ndarray, snr_db: float, seed: int) -> dict[str, Any]:
     """Noise one image at ``snr_db``; which discriminative / VQ tokens changed, and how many."""
-    noisy = add_noise(image[None], snr_db, np.random.default_rng(seed))
-    both = np.concatenate([image[None], noisy])
+    image = as_seen(image[None], model.config.channels)
+    noisy = model.flows.check_images(add_noise(image, snr_db, np.random.default_rng(seed)))   # back to RGB
+    both = np.concatenate([model.flows.check_images(image), noisy])
     ids, _, feats = model.flows.tokenize(both)
     vq = model.flows.vq_tokenize(both)
     return {"noisy": noisy[0], "disc_changed": ids[0] != ids[1], "vq_changed": vq[0] != vq[1],

@@ -2,13 +2,19 @@
 
     noisy = add_noise(images, snr_db=20, rng=np.random.default_rng(0))
     rate = token_change_rate(model.tokenize(images)[0], model.tokenize(noisy)[0])
+    table = stability(model, images)              # the whole of Table 1 for a batch of uint8 images
 
 The noise follows the paper: Gaussian, with its variance set per image from the image's mean
 pixel power on the [0, 1] scale, ``SNR_dB = 10 log10(P_signal / P_noise)``.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:
+    from .flows import Flows
 
 SNR_LEVELS_DB = (30.0, 25.0, 20.0, 15.0, 10.0, 5.0, 1.0, 0.01)
 """The SNRs of the paper's Table 1."""
@@ -75,3 +81,48 @@ def cosine_similarity(a: np.ndarray, b: np.ndarray, per_position: bool = False, 
         raise ValueError(f"features differ in shape: {a.shape} vs {b.shape}")
     cos = (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), eps)
     return cos if per_position else float(cos.mean())
+
+
+def as_seen(images: np.ndarray, channels: int) -> np.ndarray:
+    """uint8 ``[N, H, W, 3]`` as a model with ``channels`` sees them: a grey model gets one grey
+    channel (its mean of R, G and B), so noise added afterwards has the SNR asked for; noise
+    drawn independently per channel would be averaged down to a third of its power (+4.8 dB)."""
+    return np.round(images.mean(-1, keepdims=True)).astype(np.uint8) if channels == 1 else images
+
+
+def stability(flows: Flows, images: np.ndarray, snr_levels: tuple[float, ...] = SNR_LEVELS_DB, seed: int = 0,
+              batch: int = 256) -> dict[str, list[float] | int]:
+    """The paper's Table 1 on uint8 ``images [N, H, W, 3]``: at each SNR, the share of
+    discriminative and VQ tokens that change under noise, and the cosine similarity of the
+    encoder features and of the VQ encoder latents (before quantisation), clean vs noisy.
+
+    Each level draws its noise from its own generator ``(seed, level index)`` image after image,
+    so the figures do not depend on ``batch`` (which only bounds memory). A grey model
+    (``config.channels == 1``) gets its images as the grey it sees, and the noise on that one channel.
+    """
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or len(images) == 0:
+        raise ValueError(f"stability takes a non-empty uint8 batch [N, H, W, 3], got {images.dtype} {images.shape}")
+    rngs = [np.random.default_rng([seed, j]) for j in range(len(snr_levels))]
+    sums = {k: np.zeros(len(snr_levels)) for k in ("disc_change", "vq_change", "disc_cos_sim", "vq_cos_sim")}
+
+    def per_image(x: np.ndarray) -> np.ndarray:       # mean over every position but the first axis
+        return x.reshape(len(x), -1).mean(1)
+
+    for i in range(0, len(images), batch):
+        clean = as_seen(images[i:i + batch], flows.config.channels)
+        ids, _, feats = flows.tokenize(clean)
+        vq, lat = flows.vq_encode(clean)
+        for j, snr in enumerate(snr_levels):
+            noisy = add_noise(clean, snr, rngs[j])
+            nids, _, nfeats = flows.tokenize(noisy)
+            nvq, nlat = flows.vq_encode(noisy)
+            # sums of per-image means: every image has as many positions, so /N is the overall mean
+            sums["disc_change"][j] += token_change_rate(ids, nids, per_image=True).sum()
+            sums["vq_change"][j] += token_change_rate(vq, nvq, per_image=True).sum()
+            sums["disc_cos_sim"][j] += per_image(cosine_similarity(feats, nfeats, per_position=True)).sum()
+            sums["vq_cos_sim"][j] += per_image(cosine_similarity(lat, nlat, per_position=True)).sum()
+    out: dict[str, list[float] | int] = {"snr_db": [float(s) for s in snr_levels]}
+    out |= {k: (v / len(images)).tolist() for k, v in sums.items()}
+    out["num_images"] = len(images)
+    return out

@@ -63,3 +63,60 @@ def test_paper_table() -> None:
     assert SNR_LEVELS_DB == (30, 25, 20, 15, 10, 5, 1, 0.01)
     assert all(len(v) == 8 for v in PAPER_TABLE1.values())
     assert all(d < v for d, v in zip(PAPER_TABLE1["disc_change"], PAPER_TABLE1["vq_change"]))
+
+
+def test_stability_table() -> None:
+    import torch
+
+    from digit_core.config import tiny
+    from digit_core.metrics import stability
+    from digit_core.pipeline import DiGIT
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = DiGIT(tiny(3))
+    with torch.no_grad():   # spread the centroids so tokenize uses many clusters
+        model.codebook.set_centroids(torch.randn(16, 32))
+    imgs = np.random.default_rng(0).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
+    t = stability(model, imgs, snr_levels=(200.0, 10.0, 0.01), seed=3, batch=256)
+    assert t["snr_db"] == [200.0, 10.0, 0.01] and t["num_images"] == 5
+    # 200 dB is below uint8 rounding: nothing changes
+    assert (t["disc_change"][0], t["vq_change"][0]) == (0.0, 0.0)
+    assert t["disc_cos_sim"][0] == pytest.approx(1.0) and t["vq_cos_sim"][0] == pytest.approx(1.0)
+    assert t["disc_change"][2] > t["disc_change"][1] > 0 and t["vq_change"][2] > 0
+    assert all(-1 <= v <= 1 for k in ("disc_cos_sim", "vq_cos_sim") for v in t[k])
+    assert t["disc_cos_sim"][2] < t["disc_cos_sim"][1] < 1
+    # batches only bound memory: each level's noise is the same (sums differ by round-off only)
+    small = stability(model, imgs, snr_levels=(200.0, 10.0, 0.01), seed=3, batch=2)
+    assert small.keys() == t.keys() and all(np.allclose(small[k], t[k], rtol=1e-6) for k in t)
+    assert stability(model, imgs, snr_levels=(10.0,), seed=4)["disc_cos_sim"][0] != pytest.approx(t["disc_cos_sim"][1])
+    with pytest.raises(ValueError, match="uint8"):
+        stability(model, imgs.astype(np.float32))
+
+
+def test_stability_noises_the_one_channel_a_grey_model_sees() -> None:
+    from types import SimpleNamespace
+
+    from digit_core.metrics import stability
+
+    class Recorder:
+        """Features are the pixels the model would see (the channel mean), recorded per call."""
+
+        config = SimpleNamespace(channels=1)
+        seen: list[np.ndarray] = []
+
+        def tokenize(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            self.seen.append(images)
+            grey = images.astype(np.float64).mean(-1, keepdims=True) / 255
+            return (grey[..., 0] > 0.5).astype(np.int64), grey[..., 0], grey
+
+        def vq_encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            grey = images.astype(np.float64).mean(-1, keepdims=True) / 255
+            return (grey[..., 0] > 0.5).astype(np.int64), grey
+
+    imgs = np.repeat(np.random.default_rng(0).integers(60, 200, (4, 32, 32, 1), dtype=np.uint8), 3, axis=3)
+    flows = Recorder()
+    stability(flows, imgs, snr_levels=(10.0,))
+    clean, noisy = flows.seen[0], flows.seen[1]
+    assert clean.shape == (4, 32, 32, 1) and np.array_equal(clean[..., 0], imgs[..., 0])
+    assert np.allclose(snr_db(clean / 255, noisy / 255), 10.0, atol=1.0)   # clipping aside; not 14.8 dB
