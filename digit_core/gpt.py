@@ -175,14 +175,29 @@ class GPT(nn.Module):
                 torch.arange(B, device=idx.device)[:, None, None], torch.arange(H, device=idx.device)[:, None], pos)
         return self.head(x[:, -1]), cache.index_put(rows, torch.stack(new).to(cache.dtype))
 
+    def hidden_states(self, idx: torch.Tensor) -> list[torch.Tensor]:
+        """The residual stream ``[B, S, d_model]`` after the embeddings and after each block, for a
+        causal forward of ``idx`` from position 0: ``n_layer + 1`` tensors (a per-layer linear probe,
+        paper Fig. 3b). No final norm: a probe standardises its features anyway."""
+        pos = self._positions(idx, 0)
+        states: list[torch.Tensor] = []
+        self._trunk(idx, pos, pos[:, None] >= pos[None, :], [None] * len(self.blocks), states)
+        return states
+
     def _positions(self, idx: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
         start_t = torch.as_tensor(start, dtype=torch.long, device=idx.device).reshape(())
         return start_t + torch.arange(idx.shape[1], device=idx.device)
 
     def _trunk(self, idx: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor,
-               kvs: torch.Tensor | list[torch.Tensor | PastKV | None]) -> torch.Tensor:
-        """Embeddings, blocks and final norm: hidden states ``[B, S, d_model]`` before the head."""
+               kvs: torch.Tensor | list[torch.Tensor | PastKV | None],
+               states: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Embeddings, blocks and final norm: hidden states ``[B, S, d_model]`` before the head;
+        ``states`` (when given) collects the stream after the embeddings and after each block."""
         x = self.drop(self.tok_emb(idx) * self.cfg.embed_scale + self.position_table()[pos])
         for block, kv in zip(self.blocks, kvs):
+            if states is not None:
+                states.append(x)
             x = block(x, mask, kv, pos)
+        if states is not None:
+            states.append(x)
         return x if self.ln_f is None else self.ln_f(x)

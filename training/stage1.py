@@ -5,18 +5,29 @@ the null class with probability ``label_dropout`` (so sampling can use classifie
 guidance), or ``bos`` for an unconditional model. Adam (0.9, 0.98), inverse-sqrt warm-up,
 label smoothing 0.1, clipping 1.0, weight decay 0.01, as the official recipe.
 
+``--tokens=vq`` trains the tokenizer ablation's baseline (paper Table 3a, §4.5): the same GPT,
+data and budget on the VQGAN's own ids (K = vqgan.n_embed) instead of cluster ids, into
+``<root>/stage1_vq``; it generates VQ ids that the VQGAN decodes directly, without a stage 2
+(``training.analyses.vq_ar.VQAutoregressive`` samples it).
+
     python -m training.stage1 --config training/fmnist.yaml [--steps=... --batch_size=...]
+    python -m training.stage1 --config training/fmnist.yaml --tokens=vq
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar
+from pathlib import Path
+from typing import Callable, ClassVar
 
 import torch
 
+from digit_core.config import ConfigError, DiGITConfig
 from digit_core.gpt import GPT
-from training.common import (TokenDataset, TrainConfig, Trainer, code_loss, disc_tokenizer, load_data, parse_config,
-                             token_datasets)
+from training.common import (TokenDataset, TrainConfig, Trainer, code_loss, disc_tokenizer, load_data, load_vqgan,
+                             model_config, parse_config, to_channels, token_datasets)
+
+TOKENS = ("disc", "vq")
 
 
 @dataclass
@@ -29,20 +40,52 @@ class Stage1Config(TrainConfig):
     label_smoothing: float = 0.1
     eval_every: int = 1000
     eval_batches: int = 20
+    tokens: str = "disc"           # disc | vq (the ablation baseline on VQGAN ids, run dir <root>/stage1_vq)
+    vqgan: str = ""                # tokens=vq: default <root>/vqgan/vqgan.safetensors
+
+    def __post_init__(self) -> None:
+        if self.tokens not in TOKENS:
+            raise ConfigError(f"tokens must be one of {TOKENS}, got {self.tokens!r}")
+        if self.tokens == "vq":
+            # Its own run dir (the Trainer writes <root>/<stage>), so it never resumes from or
+            # overwrites the discriminative run; the config file's stage1 section still applies.
+            self.stage = "stage1_vq"
+
+
+def vq_model_config(cfg: Stage1Config, class_names: list[str]) -> DiGITConfig:
+    """The model config with the codebook replaced by the VQGAN's: stage 1 then predicts VQ ids
+    with the same GPT sizes. The grids must match so both models see sequences of equal length."""
+    m = model_config(cfg, class_names)
+    m = model_config(dataclasses.replace(cfg, codebook_size=m.vqgan.n_embed), class_names)
+    if m.disc_grid != m.vq_grid:
+        raise ConfigError(f"tokens=vq needs equal token grids for a like-for-like ablation; "
+                          f"disc {m.disc_grid}x{m.disc_grid} vs VQ {m.vq_grid}x{m.vq_grid}")
+    return m
+
+
+def vq_tokenizer(tr: Trainer, mcfg: DiGITConfig, path: str | Path) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``f(images [B, C, H, W] in [0, 1]) -> VQ ids`` of the frozen VQGAN encoder."""
+    vqgan = load_vqgan(mcfg, path).to(tr.device)
+    return lambda x: vqgan.encode(to_channels(x, mcfg.vqgan.in_channels))
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(Stage1Config, argv)
     tr = Trainer(cfg)
     data, mcfg = load_data(cfg, cfg.data, train=False)
+    if cfg.tokens == "vq":
+        mcfg = vq_model_config(cfg, data.classes)
     s1, g = mcfg.stage1, mcfg.stage1.gpt
 
     # Tokenize once instead of on the fly: the frozen encoder's forward costs about as much as
     # the GPT step itself, and its output never changes, so each later epoch costs only the GPT.
     # Random crops are lost (the cache holds centre crops); flips are kept by caching both.
-    tokenize = {"disc": disc_tokenizer(tr, mcfg, cfg.input(cfg.encoder, "ssl/encoder.safetensors"),
-                                       cfg.input(cfg.codebook, "kmeans/codebook.safetensors"))}
-    train_tokens, val_tokens = token_datasets(tr, cfg, data, tokenize, ("disc", "label"))
+    if cfg.tokens == "vq":
+        tokenize = {"vq": vq_tokenizer(tr, mcfg, cfg.input(cfg.vqgan, "vqgan/vqgan.safetensors"))}
+    else:
+        tokenize = {"disc": disc_tokenizer(tr, mcfg, cfg.input(cfg.encoder, "ssl/encoder.safetensors"),
+                                           cfg.input(cfg.codebook, "kmeans/codebook.safetensors"))}
+    train_tokens, val_tokens = token_datasets(tr, cfg, data, tokenize, (cfg.tokens, "label"))
     del tokenize
 
     model = tr.add("model", GPT(g))
@@ -72,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
             with tr.untimed():
                 tr.record(step=step + 1, val_loss=evaluate(tr, val_tokens, inputs, g, cfg.eval_batches))
 
-    tr.save_artifact("stage1", tr.final_state("model"), {"model": mcfg.to_dict()})
+    tr.save_artifact("stage1", tr.final_state("model"), {"model": mcfg.to_dict(), "tokens": cfg.tokens})
     tr.finish()
 
 

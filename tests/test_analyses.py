@@ -1,0 +1,228 @@
+"""training.analyses and stage 1 on VQ tokens, on a tiny synthetic run (16x16 images, 3 classes)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from digit_core.codebook import fit_kmeans
+from digit_core.config import ConfigError, imagenet_base, tiny
+from digit_core.demo import keep_rows_for
+from digit_core.pipeline import DiGIT
+from training.common import RunConfig, atomic_save, load_tensors, model_config, parse_config
+
+CLASSES = ["class0", "class1", "class2"]
+SMALL = ["--batch=8", "--n_stability=6", "--n_probe_train=24", "--n_probe_test=8", "--n_control_fit=12",
+         "--n_per_class=2", "--n_complete=4", "--prefixes=12.5,25,50,75", "--device=cpu"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def tiny_model(folder: Path, codebook_size: int = 0, seed: int = 0) -> DiGIT:
+    """An untrained tiny DiGIT whose codebook is K-Means on its own encoder's features."""
+    torch.manual_seed(seed)
+    cfg = model_config(RunConfig(model="tiny", codebook_size=codebook_size), CLASSES)
+    model = DiGIT(cfg)
+    imgs = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in sorted(folder.rglob("*.png"))[:12]])
+    feats = model.tokenize(imgs)[2]
+    model.codebook.set_centroids(fit_kmeans(feats.reshape(-1, feats.shape[-1]), cfg.codebook.size, seed=seed))
+    return model
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """<root>/{model, vqgan, ssl, stage1_vq} and a second run with K=8 for the per-layer probe that
+    has only kmeans/ and stage1/ (the probe needs no stage 2); the images are
+    <root>/images/<class>/<i>.png (16x16, brighter by class so a classifier learns)."""
+    from training import stage1
+    root = tmp_path_factory.mktemp("run")
+    rng = np.random.default_rng(0)
+    for i in range(60):
+        c = i % 3
+        d = root / "images" / CLASSES[c]
+        d.mkdir(parents=True, exist_ok=True)
+        img = np.clip(rng.normal(60 + 70 * c, 30, (16, 16, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(d / f"{i}.png")
+    model = tiny_model(root / "images")
+    model.save(root / "model")
+    atomic_save(model.vqgan.state_dict(), root / "vqgan/vqgan.safetensors")
+    atomic_save(model.encoder.state_dict(), root / "ssl/encoder.safetensors", {"source": "random init (test)"})
+    k8 = tiny_model(root / "images", codebook_size=8)      # seed 0: the same encoder as the main run
+    atomic_save({"centroids": k8.codebook.centroids}, root / "k8/kmeans/codebook.safetensors")
+    atomic_save(k8.stage1.state_dict(), root / "k8/stage1/stage1.safetensors", {"model": k8.config.to_dict()})
+    (root / "k8/stage1/train_config.json").write_text(json.dumps(
+        {"encoder": str(root / "ssl/encoder.safetensors"), "codebook": ""}))
+    stage1.main([f"--root={root}", f"--data={root / 'images'}", "--model=tiny", "--batch_size=8", "--workers=0",
+                 "--steps=3", "--tokens=vq"])
+    return root
+
+
+# -- stage 1 on VQ tokens ------------------------------------------------------------------------------------
+def test_tokens_option_is_checked_and_gets_its_own_run_dir() -> None:
+    from training.stage1 import Stage1Config
+    assert parse_config(Stage1Config, ["--tokens=vq"]).stage == "stage1_vq"
+    assert parse_config(Stage1Config, []).stage == Stage1Config.stage == "stage1"
+    with pytest.raises(ConfigError, match="tokens must be one of"):
+        parse_config(Stage1Config, ["--tokens=pixels"])
+
+
+def test_vq_stage1_trains_on_vq_ids_and_samples_decode(root: Path) -> None:
+    from training.analyses.vq_ar import VQAutoregressive
+    tensors, meta = load_tensors(root / "stage1_vq/stage1.safetensors")
+    assert meta["tokens"] == "vq" and meta["model"]["codebook"]["size"] == tiny().vqgan.n_embed == 32
+    cache = load_tensors(root / "stage1_vq/tokens.safetensors")[0]
+    assert cache["vq"].shape == (120, 16) and 0 <= cache["vq"].min() and cache["vq"].max() < 32   # 60 images + mirrors
+    vq = VQAutoregressive.load(root / "stage1_vq/stage1.safetensors", root / "vqgan/vqgan.safetensors")
+    # the cached tokens are what the model's tokenizer gives (the VQGAN encoder)
+    img = np.asarray(Image.open(root / "images/class0/0.png").convert("RGB"))
+    assert np.array_equal(vq.tokenize(img[None])[0].ravel(), cache["vq"][0].long().numpy())
+    g = vq.generate([0, 1, 2], seed=0, cfg=1.5)
+    assert g.images.shape == (3, 16, 16, 3) and g.images.dtype == np.uint8
+    assert np.array_equal(g.vq_tokens, g.disc_tokens)                   # no stage 2: the codes are VQ ids
+    assert np.array_equal(g.images, vq.decode_vq(g.vq_tokens))
+    done = vq.complete_detailed(img, keep_rows=2, n=2, seed=0)
+    assert np.array_equal(done.vq_tokens[:, :2], np.repeat(vq.vq_tokenize(img[None])[:, :2], 2, 0))
+
+
+def test_vq_model_refuses_a_disc_stage1(root: Path, tmp_path: Path) -> None:
+    from training.analyses.vq_ar import VQAutoregressive
+    model = DiGIT.load(root / "model")
+    atomic_save(model.stage1.state_dict(), tmp_path / "s1.safetensors", {"model": model.config.to_dict(), "tokens": "disc"})
+    with pytest.raises(ValueError, match="not VQ ids"):
+        VQAutoregressive.load(tmp_path / "s1.safetensors", root / "vqgan/vqgan.safetensors")
+    with pytest.raises(ConfigError, match="not a VQ-token model"):
+        VQAutoregressive(model.config)
+
+
+# -- pieces ----------------------------------------------------------------------------------------------------
+def test_hidden_states_one_per_layer_and_the_last_feeds_the_head() -> None:
+    from digit_core.gpt import GPT
+    torch.manual_seed(0)
+    gpt = GPT(tiny().stage1.gpt).eval()
+    idx = torch.randint(0, 16, (2, 16))
+    states = gpt.hidden_states(idx)
+    assert len(states) == gpt.cfg.n_layer + 1 and all(s.shape == (2, 16, gpt.cfg.d_model) for s in states)
+    assert torch.allclose(gpt.head(gpt.ln_f(states[-1])), gpt(idx), atol=1e-5)
+
+
+def test_probe_first_token_never_carries_the_label() -> None:
+    from training.analyses.probe import label_free_first
+    cfg = tiny(3)
+    assert label_free_first(cfg)[0] == cfg.stage1.null_class_id
+    assert label_free_first(tiny(0))[0] == tiny(0).stage1.bos_id
+    with pytest.raises(ValueError, match="null class"):
+        label_free_first(imagenet_base())              # fairseq layout: no null class
+
+
+def test_probe_model_from_a_stage1_run_without_stage2(root: Path) -> None:
+    from training.analyses.probe import probe_model
+    model, part = DiGIT.load(root / "model"), probe_model(root / "k8", torch.device("cpu"))
+    assert part.config.codebook.size == 8
+    assert torch.equal(part.codebook.centroids, load_tensors(root / "k8/kmeans/codebook.safetensors")[0]["centroids"])
+    img = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in sorted((root / "images").rglob("*.png"))[:2]])
+    assert np.allclose(part.tokenize(img)[2], model.tokenize(img)[2], atol=1e-5)   # the encoder train_config names
+
+
+def test_control_codebook_is_fit_on_random_init_features(root: Path) -> None:
+    from training.analyses.stability import control_model
+    model = DiGIT.load(root / "model")
+    fit = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in sorted((root / "images").rglob("*.png"))[:16]])
+    control = control_model(model, fit, seed=3, batch=8)
+    K = model.config.codebook.size
+    assert control.codebook.centroids.shape == (K, model.config.encoder.width)
+    ours, ctrl = model.own_state_dict(), control.own_state_dict()
+    assert not torch.equal(ours["encoder.vit.patch_embed.proj.weight"], ctrl["encoder.vit.patch_embed.proj.weight"])
+    assert all(torch.equal(ours[k], ctrl[k]) for k in ours if k.startswith(("vqgan.", "stage1.", "stage2.")))
+    # the centroids fit the control's own features far better than ours do
+    feats = torch.from_numpy(control.tokenize(fit)[2])
+    own, other = control.codebook.assign(feats)[1].mean(), model.codebook.assign(feats)[1].mean()
+    assert own < 0.5 * other
+
+
+# -- the CLI end to end ---------------------------------------------------------------------------------------
+def test_every_analysis_writes_its_report(root: Path, tmp_path: Path) -> None:
+    from training.analyses.__main__ import main
+    out = tmp_path / "report"
+    main([f"--root={root}", f"--data={root / 'images'}", "--name=tiny", f"--out={out}",
+          f"--classifier={tmp_path / 'clf.safetensors'}", f"--probe_roots={root / 'k8'}", *SMALL])
+    for key in ("stability", "probe", "ablation", "completion"):
+        for ext in ("json", "html", "png", "md"):
+            assert (out / f"{key}.{ext}").stat().st_size > 0, f"{key}.{ext}"
+    readme = (out / "README.md").read_text()
+    assert all(t in readme for t in ("Table 1", "Figure 3b", "Table 3a", "Figure 4b"))
+    assert (out / "plotly.min.js").exists() and (tmp_path / "clf.safetensors").exists()
+
+    s = json.loads((out / "stability.json").read_text())
+    assert s["snr_db"] == [30.0, 25.0, 20.0, 15.0, 10.0, 5.0, 1.0, 0.01] and s["num_images"] == 6
+    for curve in (s["ours"]["disc_change"], s["ours"]["vq_change"], s["control"]["disc_change"]):
+        assert len(curve) == 8 and all(0 <= v <= 1 for v in curve)
+    assert all(-1 <= v <= 1 for v in s["ours"]["disc_cos_sim"] + s["control"]["disc_cos_sim"])
+    assert s["control_vq_matches"] and s["encoder_source"] == "random init (test)"
+    accs = [v for p in s["probe"].values() for v in p.values()]
+    assert len(accs) == 7 and all(0 <= a <= 1 for a in accs)
+
+    p = json.loads((out / "probe.json").read_text())
+    assert [m["codebook_size"] for m in p["models"]] == [8, 16]
+    for m in p["models"]:
+        assert len(m["accuracy"]) == m["n_layer"] + 1 == 3 and all(0 <= a <= 1 for a in m["accuracy"])
+        assert m["first_token"].startswith("null class")
+
+    a = json.loads((out / "ablation.json").read_text())
+    assert set(a["scores"]) == {"real", "recon", "digit", "vq"}
+    assert all(np.isfinite(v["fd"]) and v["fd"] >= 0 and 0 <= v["class_accuracy"] <= 1 for v in a["scores"].values())
+    assert a["budget"]["vq"]["steps"] == 3 and a["cfg"] == tiny().sampling.cfg
+    assert Image.open(out / "ablation_digit.png").size == Image.open(out / "ablation_vq.png").size
+
+    c = json.loads((out / "completion.json").read_text())
+    assert c["prefix_percent"] == [12.5, 25.0, 50.0, 75.0]
+    assert c["keep_rows"] == [keep_rows_for(q, 4) for q in c["prefix_percent"]] and c["grid"] == 4
+    for k in ("digit", "vq"):
+        assert len(c[k]["fd"]) == 4 and all(0 <= v <= 1 for v in c[k]["agreement"]) and min(c[k]["fd"]) >= 0
+
+
+def test_only_names_a_missing_run_is_an_error(root: Path, tmp_path: Path) -> None:
+    from training.analyses.__main__ import main
+    with pytest.raises(FileNotFoundError, match="stage1 --tokens=vq"):
+        main([f"--root={root}", f"--data={root / 'images'}", f"--out={tmp_path}", "--only=ablation",
+              f"--vq_stage1={tmp_path / 'none.safetensors'}", *SMALL])
+    with pytest.raises(SystemExit):
+        main([f"--root={root}", "--only=nonsense"])
+
+
+# -- the findings are read off the numbers ------------------------------------------------------------------------
+def test_findings_follow_the_numbers() -> None:
+    from digit_core.metrics import PAPER_TABLE1
+    from training.analyses import ablation, completion, stability
+    base = {"prefix_percent": [12.5, 75.0], "keep_rows": [1, 6], "grid": 8, "images": "x",
+            "digit": {"fd": [2.0, 2.0], "agreement": [0.9, 0.9]}, "paper": ""}
+    worse_vq = base | {"vq": {"fd": [8.0, 2.0], "agreement": [0.3, 0.9]}}
+    assert "VQ tokens degrade more with a short prefix, as in the paper" in completion.findings(worse_vq)[0]
+    same = base | {"vq": {"fd": [2.02, 2.0], "agreement": [0.9, 0.9]}}
+    assert "neither degrades" in completion.findings(same)[0]
+
+    scores = lambda dig, vq: {"real": {"fd": 0.1, "class_accuracy": 0.9}, "recon": {"fd": 1.0, "class_accuracy": 0.9},
+                              "digit": {"fd": dig, "class_accuracy": 0.8}, "vq": {"fd": vq, "class_accuracy": 0.7}}
+    run = {"steps": 10, "batch_size": 4, "params": 1}
+    d = {"budget": {"digit": run, "vq": run}, "paper": ablation.PAPER, "cfg": 1.5, "grid": 8, "images": "x"}
+    assert ablation.findings(d | {"scores": scores(5.0, 10.0)})[0].endswith("help, as in the paper.")
+    assert "hurt here" in ablation.findings(d | {"scores": scores(10.0, 5.0)})[0]
+
+    n = len(PAPER_TABLE1["disc_change"])
+    curve = lambda v: {"disc_change": [v] * n, "disc_cos_sim": [0.9] * n}
+    ours = curve(0.3) | {"vq_change": [0.5] * n, "vq_cos_sim": [0.8] * n}
+    use = {k: {"codes": 16, "used": 16, "perplexity": 10.0} for k in ("ours", "control", "vq")}
+    probe = {"ours": {"tokens": 0.8, "features": 0.9}, "control": {"tokens": 0.6, "features": 0.7},
+             "vq": {"tokens": 0.5, "features": 0.6}, "pixels": {"features": 0.7}}
+    d = {"snr_db": [10.0] * n, "ours": ours, "paper": PAPER_TABLE1, "probe": probe, "code_usage": use,
+         "control_vq_matches": True, "encoder_source": "ViT trained here with the labels", "images": "x"}
+    text = " ".join(stability.findings(d | {"control": curve(0.31)}))
+    assert "about as stable as" in text and "stability alone does not show" in text
+    assert "The linear probe separates them" in text and "supervision" in text
+    assert "training did make the tokens more stable" in " ".join(stability.findings(d | {"control": curve(0.6)}))
