@@ -259,6 +259,7 @@ def export_bundle(model: DiGIT, out_dir: str | Path, *, opset: int = 17, check: 
 def _write_bundle(model: DiGIT, out: Path, opset: int, check: bool, weights: str) -> Path:
     cfg = model.config
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    os.chmod(tmp, 0o755)   # mkdtemp makes it private (0700); a bundle is meant to be shared and served
     try:
         graphs: dict[str, str] = {}
         ir_version = 0
