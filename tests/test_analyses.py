@@ -157,7 +157,7 @@ def test_every_analysis_writes_its_report(root: Path, tmp_path: Path) -> None:
             assert (out / f"{key}.{ext}").stat().st_size > 0, f"{key}.{ext}"
     readme = (out / "README.md").read_text()
     assert all(t in readme for t in ("Table 1", "Figure 3b", "Table 3a", "Figure 4b"))
-    assert (out / "plotly.min.js").exists() and (tmp_path / "clf.safetensors").exists()
+    assert not (out / "plotly.min.js").exists() and (tmp_path / "clf.safetensors").exists()
 
     s = json.loads((out / "stability.json").read_text())
     assert s["snr_db"] == [30.0, 25.0, 20.0, 15.0, 10.0, 5.0, 1.0, 0.01] and s["num_images"] == 6

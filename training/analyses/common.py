@@ -198,12 +198,12 @@ def _plain(v: Any) -> Any:
 
 
 def write_section(out: Path, s: Section, png: bool = True) -> list[Path]:
-    """``<key>.json``, ``<key>.html`` (plotly.js beside it, so it opens offline), ``<key>.png``,
+    """``<key>.json``, ``<key>.html`` (plotly.js from its CDN), ``<key>.png``,
     the extra pictures and ``<key>.md``; returns the paths written."""
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{s.key}.json", out / f"{s.key}.html", out / f"{s.key}.md"]
     paths[0].write_text(json.dumps(s.data, indent=2, default=_plain))
-    s.figure.write_html(paths[1], include_plotlyjs="directory")
+    s.figure.write_html(paths[1], include_plotlyjs="cdn")   # a 4.8 MB plotly.min.js per report is not worth committing; the PNG is the offline copy
     links = f"[interactive figure]({s.key}.html) · [data]({s.key}.json)"
     if png:
         # kaleido drives a headless Chromium (/usr/bin/chromium here) to render the PNG
