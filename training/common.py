@@ -29,7 +29,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -656,6 +656,12 @@ def disc_tokenizer(tr: Trainer, mcfg: DiGITConfig, encoder_path: str | Path, cod
     encoder = load_encoder(mcfg, encoder_path).to(tr.device)
     codebook = load_codebook(codebook_path).to(tr.device)
     return lambda x: codebook.assign(encoder.features(to_channels(x, mcfg.encoder.in_chans)))[0]
+
+
+def vq_tokenizer(tr: Trainer, mcfg: DiGITConfig, path: str | Path) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``f(images [B, C, H, W] in [0, 1]) -> VQ ids`` of the frozen VQGAN encoder."""
+    vqgan = load_vqgan(mcfg, path).to(tr.device)
+    return lambda x: vqgan.encode(to_channels(x, mcfg.vqgan.in_channels))
 
 
 def token_datasets(tr: Trainer, cfg: Any, data: Dataset, tokenizers: dict[str, Any],

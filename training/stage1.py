@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import torch
 
 from digit_core.config import ConfigError, DiGITConfig
 from digit_core.gpt import GPT
-from training.common import (TokenDataset, TrainConfig, Trainer, code_loss, disc_tokenizer, load_data, load_vqgan,
-                             model_config, parse_config, to_channels, token_datasets)
+from training.common import (TokenDataset, TrainConfig, Trainer, code_loss, disc_tokenizer, load_data, model_config,
+                             parse_config, token_datasets, vq_tokenizer)
 
 TOKENS = ("disc", "vq")
 
@@ -61,12 +60,6 @@ def vq_model_config(cfg: Stage1Config, class_names: list[str]) -> DiGITConfig:
         raise ConfigError(f"tokens=vq needs equal token grids for a like-for-like ablation; "
                           f"disc {m.disc_grid}x{m.disc_grid} vs VQ {m.vq_grid}x{m.vq_grid}")
     return m
-
-
-def vq_tokenizer(tr: Trainer, mcfg: DiGITConfig, path: str | Path) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``f(images [B, C, H, W] in [0, 1]) -> VQ ids`` of the frozen VQGAN encoder."""
-    vqgan = load_vqgan(mcfg, path).to(tr.device)
-    return lambda x: vqgan.encode(to_channels(x, mcfg.vqgan.in_channels))
 
 
 def main(argv: list[str] | None = None) -> None:

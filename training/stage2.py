@@ -15,8 +15,8 @@ from typing import ClassVar
 import torch
 
 from digit_core.gpt import GPT
-from training.common import (TokenDataset, TrainConfig, Trainer, code_loss, disc_tokenizer, load_data, load_vqgan,
-                             parse_config, to_channels, token_datasets)
+from training.common import (TokenDataset, TrainConfig, Trainer, code_loss, disc_tokenizer, load_data, parse_config,
+                             token_datasets, vq_tokenizer)
 
 
 @dataclass
@@ -40,12 +40,11 @@ def main(argv: list[str] | None = None) -> None:
     N = mcfg.disc_grid ** 2
 
     # Cached for the same reason as stage 1: the frozen encoder and VQGAN never change.
-    vqgan = load_vqgan(mcfg, cfg.input(cfg.vqgan, "vqgan/vqgan.safetensors")).to(tr.device)
     tokenize = {"disc": disc_tokenizer(tr, mcfg, cfg.input(cfg.encoder, "ssl/encoder.safetensors"),
                                        cfg.input(cfg.codebook, "kmeans/codebook.safetensors")),
-                "vq": lambda x, vq=vqgan: vq.encode(to_channels(x, mcfg.vqgan.in_channels))}
+                "vq": vq_tokenizer(tr, mcfg, cfg.input(cfg.vqgan, "vqgan/vqgan.safetensors"))}
     train_tokens, val_tokens = token_datasets(tr, cfg, data, tokenize, ("disc", "vq"))
-    del tokenize, vqgan
+    del tokenize
 
     model = tr.add("model", GPT(g))
     tr.info(f"stage 2 GPT: {tr.modules['model'].num_params() / 1e6:.2f}M parameters, {len(train_tokens)} rows")
