@@ -151,9 +151,6 @@ class Flows(ABC):
                           on_token: OnToken | None = None) -> Generation:
         """Like ``complete``, returning the whole ``Generation``. A class-conditional model is
         conditioned on ``class_id``, or on its null class when None (label-dropout models)."""
-        grid, s1 = self.config.disc_grid, self.config.stage1
-        if int(keep_rows) != keep_rows or not 1 <= keep_rows < grid:
-            raise ValueError(f"keep_rows must be an integer in 1..{grid - 1} (the token grid has {grid} rows)")
         if int(n) != n or n < 1:
             raise ValueError(f"n must be a positive integer, got {n}")
         image = np.asarray(image)
@@ -162,17 +159,36 @@ class Flows(ABC):
                 raise ValueError(f"complete takes one image, got a batch of {image.shape[0]}")
         else:
             image = image[None]
-        codes = self.tokenize(image)[0].reshape(1, -1)[:, : int(keep_rows) * grid]
         n = int(n)
+        return self.complete_many(np.repeat(image, n, 0), keep_rows, class_ids=None if class_id is None else [class_id] * n,
+                                  seed=seed, temperature=temperature, top_k=top_k, top_p=top_p, cfg=cfg, on_token=on_token)
+
+    def complete_many(self, images: np.ndarray, keep_rows: int, *, class_ids: list[int] | np.ndarray | None = None,
+                      seed: int = 0, temperature: float | None = None, top_k: int | None = None,
+                      top_p: float | None = None, cfg: float | None = None,
+                      on_token: OnToken | None = None) -> Generation:
+        """One completion of each image ``[N, H, W, 3]`` from its top ``keep_rows`` token rows, as
+        one batch (row ``i`` seeded by ``(seed, i)``). A class-conditional model is conditioned on
+        ``class_ids``, or on its null class when None (label-dropout models; no guidance then)."""
+        grid, s1 = self.config.disc_grid, self.config.stage1
+        if int(keep_rows) != keep_rows or not 1 <= keep_rows < grid:
+            raise ValueError(f"keep_rows must be an integer in 1..{grid - 1} (the token grid has {grid} rows)")
+        ids = self.tokenize(images)[0]
+        N = len(ids)
+        codes = ids.reshape(N, -1)[:, : int(keep_rows) * grid]
         if s1.num_classes == 0:
+            if class_ids is not None:
+                raise ValueError("this model is unconditional: it takes no class_ids")
             classes = None
-        elif class_id is not None:
-            classes = self.check_classes([class_id] * n, None)
+        elif class_ids is not None:
+            classes = self.check_classes(class_ids, None)
+            if len(classes) != N:
+                raise ValueError(f"{len(classes)} class_ids for {N} images")
         elif s1.null_class_id is not None:
-            classes, cfg = np.full(n, s1.null_class_id - s1.class_offset, dtype=np.int64), None
+            classes, cfg = np.full(N, s1.null_class_id - s1.class_offset, dtype=np.int64), None
         else:
-            raise ValueError("this class-conditional model has no null class: pass class_id")
-        return self._generate(classes, n, np.repeat(codes, n, 0), seed, temperature, top_k, top_p, cfg, on_token)
+            raise ValueError("this class-conditional model has no null class: pass class_ids")
+        return self._generate(classes, N, codes, seed, temperature, top_k, top_p, cfg, on_token)
 
     def _generate(self, classes: np.ndarray | None, B: int, prefix: np.ndarray | None, seed: int,
                   temperature: float | None, top_k: int | None, top_p: float | None, cfg: float | None,

@@ -214,3 +214,15 @@ def test_float16_weights_halve_the_bundle_and_match_the_rounded_model(model: DiG
     assert _rel(half.tokenize(imgs)[2], model.tokenize(imgs)[2]) <= 1e-2   # rounding moves features a little
     with pytest.raises(ValueError, match="weights"):
         export_bundle(model, tmp_path / "bad", weights="int8")
+
+
+def test_complete_many_is_a_batch_of_single_completions(model: DiGIT, bundle: Bundle) -> None:
+    imgs = _images(3, seed=7)
+    a = bundle.complete_many(imgs, keep_rows=2, seed=4, top_k=8)
+    assert np.array_equal(a.disc_tokens, model.complete_many(imgs, keep_rows=2, seed=4, top_k=8).disc_tokens)
+    # each row keeps its own image's top rows; row 0 is complete() of image 0 (both seeded (4, 0))
+    assert np.array_equal(a.disc_tokens[:, :2], bundle.tokenize(imgs)[0][:, :2])
+    one = bundle.complete_detailed(imgs[0], keep_rows=2, n=1, seed=4, top_k=8)
+    assert np.array_equal(one.disc_tokens[0], a.disc_tokens[0]) and np.array_equal(one.images[0], a.images[0])
+    with pytest.raises(ValueError, match="2 class_ids for 3 images"):
+        bundle.complete_many(imgs, keep_rows=2, class_ids=[0, 1])

@@ -281,16 +281,18 @@ def completion_mode(bundle: Bundle) -> str:
     return "null class (unconditional)" if s1.null_class_id is not None else "true class (the model has no null class)"
 
 
-def complete_all(bundle: Bundle, test: Labelled, n: int, seed: int,
-                 sampling: dict[str, Any]) -> tuple[np.ndarray, str, int]:
-    """One completion of each of the first ``n`` test images from its top half of token rows."""
+def complete_all(bundle: Bundle, test: Labelled, n: int, seed: int, sampling: dict[str, Any],
+                 batch: int) -> tuple[np.ndarray, str, int]:
+    """One completion of each of the first ``n`` test images from its top half of token rows,
+    in batches of ``batch`` (batch ``b`` seeded ``seed + b``)."""
     keep = bundle.config.disc_grid // 2
     mode = completion_mode(bundle)
     kw = {k: v for k, v in sampling.items() if k != "cfg"}   # no guidance: it would need the class we leave out
     out = []
-    for i in tqdm(range(n), desc="completions", unit="image", dynamic_ncols=True):
-        label = int(test.y[i]) if mode.startswith("true class") else None
-        out.append(bundle.complete(as_uint8(test.x[i:i + 1]), keep, 1, class_id=label, seed=seed + i, **kw))
+    for b, i in enumerate(tqdm(range(0, n, batch), desc="completions", unit="batch", dynamic_ncols=True)):
+        labels = test.y[i:min(n, i + batch)].tolist() if mode.startswith("true class") else None
+        out.append(bundle.complete_many(as_uint8(test.x[i:min(n, i + batch)]), keep, class_ids=labels,
+                                        seed=seed + b, **kw).images)
     return np.concatenate(out), mode, keep
 
 
@@ -385,7 +387,7 @@ def main(argv: list[str] | None = None) -> None:
 
     with timed("completion"):
         n_comp = min(cfg.completions, len(test))
-        comps, mode, keep = complete_all(bundle, test, n_comp, cfg.seed, sampling)
+        comps, mode, keep = complete_all(bundle, test, n_comp, cfg.seed, sampling, cfg.batch_size)
         same = classify(clf, from_uint8(comps, mc.channels), device)[1] == test_pred[:n_comp]
         report["completion"] = {"n": n_comp, "keep_rows": keep, "grid": mc.disc_grid, "conditioning": mode,
                                 "agreement": float(same.mean()), "target": TARGETS["completion_agreement"]}

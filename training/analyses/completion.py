@@ -23,19 +23,13 @@ MODELS = {"digit": "discriminative tokens (DiGIT)", "vq": "VQ tokens"}
 
 
 def complete_all(flows: Flows, images: np.ndarray, keep_rows: int, seed: int, batch: int) -> np.ndarray:
-    """One completion of each image from its top ``keep_rows`` token rows: ``Flows.complete``
-    without a class (null class, no guidance), but many images to a batch, which ``complete``
-    (one image at a time) does not do. Batch ``b`` uses seed ``seed + b``."""
-    s1, grid = flows.config.stage1, flows.config.disc_grid
+    """One completion of each image from its top ``keep_rows`` token rows, without a class (the
+    null class), at the model's default temperature; batch ``b`` uses seed ``seed + b``."""
+    s1 = flows.config.stage1
     if s1.num_classes and s1.null_class_id is None:
         raise ValueError(f"{flows.config.name} has no null class: its completions would have to be told the label")
-    out = []
-    for b, i in enumerate(range(0, len(images), batch)):
-        x = images[i: i + batch]
-        codes = flows.tokenize(x)[0].reshape(len(x), -1)[:, : keep_rows * grid]
-        classes = None if s1.num_classes == 0 else np.full(len(x), s1.null_class_id - s1.class_offset)
-        out.append(flows._generate(classes, len(x), codes, seed + b, None, None, None, None, None).images)
-    return np.concatenate(out)
+    return np.concatenate([flows.complete_many(images[i: i + batch], keep_rows, seed=seed + b).images
+                           for b, i in enumerate(range(0, len(images), batch))])
 
 
 def run(ctx: Context) -> Section:
