@@ -41,9 +41,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from digit_core import demo
-from digit_core.pipeline import output_to_images
 from digit_core.runtime import Bundle, load_bundle
-from training.common import RunConfig, load_data
+from training.common import RunConfig, as_uint8, load_data, test_split
 
 BACKGROUND = (72, 88, 112)   # gaps between tiles and outside the image: a slate blue no grey pixel has
 OUTLINE = (255, 96, 0)       # around the patch itself
@@ -77,22 +76,9 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "class"
 
 
-def test_split(spec: str) -> str:
-    """The held-out counterpart of a data spec: Fashion-MNIST's test split; an image folder has none."""
-    if not spec.startswith("fmnist"):
-        return spec
-    _, at, root = spec.partition("@")
-    return "fmnist:test" + at + root
-
-
 def sample_indices(n: int, fraction: float, seed: int) -> np.ndarray:
     """The training images to scan: as ``training.features`` picks its fit sample, sorted."""
     return np.sort(np.random.default_rng(seed).permutation(n)[: max(1, math.ceil(fraction * n))])
-
-
-def as_uint8(x) -> np.ndarray:
-    """A dataset batch (float ``[B, C, S, S]``) as the uint8 ``[B, S, S, 3]`` the bundle takes."""
-    return output_to_images(x).numpy()
 
 
 def open_data(spec: str, bundle: Bundle) -> Dataset:
@@ -260,7 +246,7 @@ def main(argv: list[str] | None = None) -> Report:
         raise demo.ModelMissing(demo.missing_message(a.bundle))
     bundle = load_bundle(a.bundle, device=a.device, threads=a.threads)
     c, name, out = bundle.config, Path(a.bundle).resolve().name, Path(a.out)
-    test_spec = a.test_data or test_split(a.data)
+    test_spec = a.test_data or test_split(a.data) or a.data   # an image folder has no test split: its own images
     train, test = open_data(a.data, bundle), open_data(test_spec, bundle)
 
     # Example names are the bundle's class names when the data's classes line up with them.

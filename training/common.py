@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from digit_core.config import FAIRSEQ_SPECIALS, ConfigError, DiGITConfig, fairseq_layout, our_layout, preset
-from digit_core.pipeline import to_channels
+from digit_core.pipeline import output_to_images, to_channels
 
 CHECKPOINT = "checkpoint.safetensors"
 STAGES = ("ssl", "features", "kmeans", "vqgan", "stage1", "stage2", "assemble")
@@ -187,6 +187,20 @@ def load_data(cfg: RunConfig, spec: str, train: bool = True) -> tuple[Dataset, D
     base = DiGITConfig.load(cfg.model) if cfg.model.endswith(".json") else preset(cfg.model)
     data = build_dataset(spec, base.image_size, base.channels, train=train)
     return data, model_config(cfg, data.classes)
+
+
+def test_split(spec: str) -> str | None:
+    """The held-out counterpart of a data spec: Fashion-MNIST's test files (same root); an image
+    folder has none."""
+    if not spec.startswith("fmnist"):
+        return None
+    root = spec.partition("@")[2]
+    return "fmnist:test" + (f"@{root}" if root else "")
+
+
+def as_uint8(x: torch.Tensor) -> np.ndarray:
+    """Float ``[N, C, S, S]`` in [0, 1] (a dataset batch) -> the uint8 ``[N, S, S, 3]`` a bundle takes."""
+    return output_to_images(x).numpy()
 
 
 # -- distributed ---------------------------------------------------------------------------------------

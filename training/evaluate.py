@@ -44,9 +44,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from digit_core.metrics import PAPER_TABLE1, add_noise, stability
-from digit_core.pipeline import images_to_input, output_to_images
+from digit_core.pipeline import images_to_input
 from digit_core.runtime import Bundle, load_bundle
-from training.common import RunConfig, atomic_save, load_data, load_tensors, parse_config
+from training.common import RunConfig, as_uint8, atomic_save, load_data, load_tensors, parse_config, test_split
 from training.ssl import linear_probe
 
 log = logging.getLogger("digit.evaluate")
@@ -89,11 +89,6 @@ class Labelled:
         return len(self.y)
 
 
-def as_uint8(x: torch.Tensor) -> np.ndarray:
-    """Float ``[N, C, S, S]`` in [0, 1] -> the uint8 ``[N, S, S, 3]`` a bundle takes."""
-    return output_to_images(x).numpy()
-
-
 def from_uint8(images: np.ndarray, channels: int) -> torch.Tensor:
     """A bundle's uint8 ``[N, S, S, 3]`` -> float ``[N, channels, S, S]`` (grey: the equal channels' mean)."""
     return images_to_input(torch.from_numpy(images), channels)
@@ -101,10 +96,7 @@ def from_uint8(images: np.ndarray, channels: int) -> torch.Tensor:
 
 def held_out_spec(cfg: EvalConfig) -> str:
     """The held-out split: ``test_data``, else Fashion-MNIST's test files, else none (hold out a share)."""
-    if cfg.test_data or not cfg.data.startswith("fmnist"):
-        return cfg.test_data
-    root = cfg.data.partition("@")[2]
-    return "fmnist:test" + (f"@{root}" if root else "")
+    return cfg.test_data or test_split(cfg.data) or ""
 
 
 def load_splits(cfg: EvalConfig, num_classes: int) -> tuple[Labelled, Labelled, list[str]]:
