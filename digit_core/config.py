@@ -37,6 +37,7 @@ class EncoderConfig:
     model_size: int = 32          # size inside the model (224 for DINOv2: resized from 256)
     in_chans: int = 3
     patch_size: int = 4
+    stem: str = "patch"           # "patch": one linear patch embedding; "conv": 3x3 convolutions down to the patch grid
     width: int = 192
     depth: int = 6
     heads: int = 3
@@ -208,6 +209,9 @@ class DiGITConfig:
             (e.image_size == self.image_size, f"encoder.image_size {e.image_size} != image_size {self.image_size}"),
             (vq.resolution == self.image_size, f"vqgan.resolution {vq.resolution} != image_size {self.image_size}"),
             (e.model_size % e.patch_size == 0, f"encoder.model_size {e.model_size} is not a multiple of patch_size {e.patch_size}"),
+            (e.stem in ("patch", "conv"), f"encoder.stem must be 'patch' or 'conv', got {e.stem!r}"),
+            (e.stem == "patch" or (e.patch_size & (e.patch_size - 1) == 0 and e.patch_size >= 2),
+             f"encoder.stem='conv' needs a power-of-two patch_size >= 2, got {e.patch_size}"),
             (e.width % e.heads == 0, f"encoder.width {e.width} is not divisible by heads {e.heads}"),
             (-e.depth <= e.feature_block < e.depth, f"encoder.feature_block {e.feature_block} outside depth {e.depth}"),
             (cb.dim == e.width, f"codebook.dim {cb.dim} != encoder.width {e.width}"),
@@ -371,6 +375,15 @@ def fmnist_small() -> DiGITConfig:
     )
 
 
+def fmnist_conv() -> DiGITConfig:
+    """``fmnist`` with a convolutional stem in the encoder: the self-supervised variant, since a
+    linear-patchify ViT does not learn useful features from scratch within a 2-core CPU budget
+    (training/ssl.py has the measured curves)."""
+    m = fmnist_small()
+    m.name, m.encoder.stem = "fmnist-conv", "conv"
+    return m.validate()
+
+
 FAIRSEQ_SPECIALS = 5  # fairseq dictionary: <s>=0, <pad>=1, </s>=2, <unk>=3, <n>=4
 FAIRSEQ_EOS = 2
 FAIRSEQ_POS_OFFSET = 2  # learned positions start at padding_idx (1) + 1
@@ -447,7 +460,7 @@ def imagenet_large(class_conditional: bool = True) -> DiGITConfig:
     return _official("large", 1000 if class_conditional else 0)
 
 
-PRESETS = {"tiny": tiny, "fmnist": fmnist_small, "imagenet-base": imagenet_base, "imagenet-large": imagenet_large}
+PRESETS = {"tiny": tiny, "fmnist": fmnist_small, "fmnist-conv": fmnist_conv, "imagenet-base": imagenet_base, "imagenet-large": imagenet_large}
 
 
 def preset(name: str) -> DiGITConfig:

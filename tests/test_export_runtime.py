@@ -226,3 +226,18 @@ def test_complete_many_is_a_batch_of_single_completions(model: DiGIT, bundle: Bu
     assert np.array_equal(one.disc_tokens[0], a.disc_tokens[0]) and np.array_equal(one.images[0], a.images[0])
     with pytest.raises(ValueError, match="2 class_ids for 3 images"):
         bundle.complete_many(imgs, keep_rows=2, class_ids=[0, 1])
+
+
+def test_conv_stem_encoder_exports_and_tokenizes_like_pytorch(tmp_path: Path) -> None:
+    cfg = tiny(3)
+    cfg.encoder.stem = "conv"
+    torch.manual_seed(1)
+    m = DiGIT(cfg.validate())
+    assert isinstance(m.encoder.vit.patch_embed.proj, torch.nn.Sequential)
+    with torch.no_grad():
+        m.codebook.set_centroids(torch.randn(16, 32))
+    b = load_bundle(export_bundle(m, tmp_path / "conv"), device="cpu", threads=1)
+    assert b.config.encoder.stem == "conv"
+    imgs = _images(4, seed=7)
+    (ids, _, feats), (rids, _, rfeats) = b.tokenize(imgs), m.tokenize(imgs)
+    assert _rel(feats, rfeats) < 1e-4 and np.array_equal(ids, rids)

@@ -106,6 +106,13 @@ def _vqgan(root: Path, folder: Path, steps: int) -> None:
                 "--adv_start=2", "--reset_every=2", "--eval_every=100", "--eval_images=8", "--ema=0.9"])
 
 
+def test_help_lists_every_option_and_exits_cleanly() -> None:
+    r = subprocess.run([sys.executable, "-m", "training.stage1", "--help"], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "Stage 1" in r.stdout and "--tokens=disc" in r.stdout and "--steps=" in r.stdout
+    assert "# disc | vq" in r.stdout   # the field's comment travels with it
+
+
 def test_resume_continues_bitwise(tmp_path: Path, folder: Path) -> None:
     """Killed after step 3 (simulated by steps=3), rerun to 6 == one run of 6 steps, bit for bit."""
     _vqgan(tmp_path / "a", folder, 6)
@@ -136,6 +143,60 @@ def test_two_process_ddp_on_cpu(tmp_path: Path, folder: Path) -> None:
     log = (tmp_path / "vqgan/train.log").read_text()
     assert "rank 0/2" in log and "all 2 replicas hold identical weights" in log
     assert (tmp_path / "vqgan/vqgan.safetensors").exists()
+
+
+# -- self-supervised objectives ---------------------------------------------------------------------------
+def test_info_nce_rewards_matching_views() -> None:
+    from training.ssl import info_nce
+    z = torch.nn.functional.normalize(torch.randn(8, 16), dim=-1)
+    matched = info_nce(torch.cat([z, z]), 0.1)            # each view's positive is itself: easy
+    shuffled = info_nce(torch.cat([z, z.roll(1, 0)]), 0.1)   # positives are other images
+    assert matched < 0.1 < shuffled
+    # 2B - 1 candidates per row, all equally similar: the loss is log(2B - 1)
+    assert abs(info_nce(torch.cat([z[:1].expand(8, -1)] * 2), 0.1).item() - np.log(15)) < 1e-4
+
+
+def test_contrastive_ssl_trains_a_conv_stem_encoder(tmp_path: Path, folder: Path) -> None:
+    from digit_core.config import tiny
+    from digit_core.encoders import Encoder
+    from training import ssl
+    cfg = tiny(3)
+    cfg.encoder.stem = "conv"
+    cfg.save(tmp_path / "conv.json")
+    args = [f"--root={tmp_path}", f"--data={folder}", *TINY, f"--model={tmp_path / 'conv.json'}", "--objective=contrastive",
+            "--steps=3", "--log_every=1", "--probe_train=24", "--probe_test=8"]
+    ssl.main(args)
+    logs = [json.loads(line) for line in (tmp_path / "ssl/metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in logs if "view_match" in r]
+    assert len(steps) == 3 and all(np.isfinite(r["loss"]) and 0 <= r["view_match"] <= 1 for r in steps)
+    tensors, meta = load_tensors(tmp_path / "ssl/encoder.safetensors")
+    assert "objective=contrastive" in meta["source"] and meta["model"]["encoder"]["stem"] == "conv"
+    enc = Encoder(cfg.encoder)
+    enc.load_state_dict(tensors)   # strict: the conv stem's weights, nothing else
+    assert enc.features(torch.rand(2, 3, 16, 16)).shape == (2, 4, 4, 32)
+
+
+def test_every_trained_parameter_gets_a_gradient() -> None:
+    """DDP fails on parameters that take no gradient: each objective's model holds only its own."""
+    from digit_core.config import tiny
+    from digit_core.encoders import Encoder
+    from training.ssl import OBJECTIVES, SSLConfig, SSLModel, info_nce, random_masks
+    e = tiny(3).encoder
+    for objective in OBJECTIVES:
+        cfg = SSLConfig(objective=objective, out_dim=32, head_hidden=16, head_bottleneck=8)
+        model = SSLModel(Encoder(e), cfg, num_classes=3).train()
+        x = torch.rand(4, 3, 16, 16)
+        if objective == "supervised":
+            loss = model(x, None, None).logsumexp(1).mean()
+        elif objective == "contrastive":
+            loss = info_nce(model(torch.cat([x, x.flip(3)]), None, None), 0.2)
+        else:   # as ssl.main calls it: masks only with iBOT, local crops only with DINO
+            masks = random_masks(4, e.grid ** 2, 1.0, (0.5, 0.5), x.device) if "ibot" in objective else None
+            cls, patch = model(x, masks, torch.rand(4, 3, 8, 8) if "dino" in objective else None)
+            loss = (cls.logsumexp(-1).mean() if "dino" in objective else 0) + patch.logsumexp(-1).mean()
+        loss.backward()
+        idle = [n for n, p in model.named_parameters() if p.grad is None]
+        assert not idle, (objective, idle)
 
 
 # -- the whole chain ---------------------------------------------------------------------------------------------

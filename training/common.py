@@ -99,6 +99,23 @@ def _coerce(text: str, default: Any) -> Any:
     return tuple(value) if kind is tuple else value
 
 
+def config_help(cls: type) -> str:
+    """``--help``: the stage's module docstring, then every field with its default and the
+    comment beside it in the dataclass source."""
+    import inspect
+    comments: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            for line in inspect.getsource(klass).splitlines():
+                name, _, rest = line.strip().partition(":")
+                if "#" in rest and name.isidentifier():
+                    comments[name] = rest.partition("#")[2].strip()
+    doc = (sys.modules[cls.__module__].__doc__ or "").strip()
+    rows = [f"  --{f.name}={json.dumps(f.default) if isinstance(f.default, (tuple, list)) else f.default}"
+            + (f"   # {comments[f.name]}" if f.name in comments else "") for f in dataclasses.fields(cls)]
+    return f"{doc}\n\noptions (--config FILE, then --key=value overrides):\n" + "\n".join(rows)
+
+
 def parse_config(cls: type, argv: list[str] | None = None) -> Any:
     """``cls`` from ``--config FILE`` (JSON or YAML) then ``--key=value`` overrides.
 
@@ -106,6 +123,9 @@ def parse_config(cls: type, argv: list[str] | None = None) -> Any:
     a section named after the stage (``stage1: {steps: ...}``), so one file drives a whole chain.
     """
     argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(config_help(cls))
+        sys.exit(0)
     defaults = {f.name: f.default for f in dataclasses.fields(cls)}
     fields = set(defaults)
     values: dict[str, Any] = {}
