@@ -9,7 +9,7 @@ pixel power on the [0, 1] scale, ``SNR_dB = 10 log10(P_signal / P_noise)``.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -90,39 +90,49 @@ def as_seen(images: np.ndarray, channels: int) -> np.ndarray:
     return np.round(images.mean(-1, keepdims=True)).astype(np.uint8) if channels == 1 else images
 
 
-def stability(flows: Flows, images: np.ndarray, snr_levels: tuple[float, ...] = SNR_LEVELS_DB, seed: int = 0,
-              batch: int = 256) -> dict[str, list[float] | int]:
-    """The paper's Table 1 on uint8 ``images [N, H, W, 3]``: at each SNR, the share of
-    discriminative and VQ tokens that change under noise, and the cosine similarity of the
-    encoder features and of the VQ encoder latents (before quantisation), clean vs noisy.
+Encode = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+"""``f(uint8 images [N, H, W, C]) -> (token ids [N, ...], continuous features [N, ..., d])``."""
+
+
+def token_stability(encode: Encode, images: np.ndarray, channels: int, snr_levels: tuple[float, ...] = SNR_LEVELS_DB,
+                    seed: int = 0, batch: int = 256) -> dict[str, list[float]]:
+    """One tokenizer's row of Table 1 on uint8 ``images [N, H, W, 3]``: at each SNR the share of
+    token positions that change under noise (``change``) and the cosine similarity of the
+    features, clean vs noisy (``cos_sim``).
 
     Each level draws its noise from its own generator ``(seed, level index)`` image after image,
-    so the figures do not depend on ``batch`` (which only bounds memory). A grey model
-    (``config.channels == 1``) gets its images as the grey it sees, and the noise on that one channel.
+    so two tokenizers measured with one seed see exactly the same noisy images, and the figures
+    do not depend on ``batch`` (which only bounds memory). A grey model (``channels == 1``) gets
+    its images as the grey it sees, and the noise on that one channel.
     """
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or len(images) == 0:
         raise ValueError(f"stability takes a non-empty uint8 batch [N, H, W, 3], got {images.dtype} {images.shape}")
     rngs = [np.random.default_rng([seed, j]) for j in range(len(snr_levels))]
-    sums = {k: np.zeros(len(snr_levels)) for k in ("disc_change", "vq_change", "disc_cos_sim", "vq_cos_sim")}
-
-    def per_image(x: np.ndarray) -> np.ndarray:       # mean over every position but the first axis
-        return x.reshape(len(x), -1).mean(1)
-
+    change, cos = np.zeros(len(snr_levels)), np.zeros(len(snr_levels))
     for i in range(0, len(images), batch):
-        clean = as_seen(images[i:i + batch], flows.config.channels)
-        ids, _, feats = flows.tokenize(clean)
-        vq, lat = flows.vq_encode(clean)
+        clean = as_seen(images[i:i + batch], channels)
+        ids, feats = encode(clean)
         for j, snr in enumerate(snr_levels):
-            noisy = add_noise(clean, snr, rngs[j])
-            nids, _, nfeats = flows.tokenize(noisy)
-            nvq, nlat = flows.vq_encode(noisy)
+            nids, nfeats = encode(add_noise(clean, snr, rngs[j]))
             # sums of per-image means: every image has as many positions, so /N is the overall mean
-            sums["disc_change"][j] += token_change_rate(ids, nids, per_image=True).sum()
-            sums["vq_change"][j] += token_change_rate(vq, nvq, per_image=True).sum()
-            sums["disc_cos_sim"][j] += per_image(cosine_similarity(feats, nfeats, per_position=True)).sum()
-            sums["vq_cos_sim"][j] += per_image(cosine_similarity(lat, nlat, per_position=True)).sum()
-    out: dict[str, list[float] | int] = {"snr_db": [float(s) for s in snr_levels]}
-    out |= {k: (v / len(images)).tolist() for k, v in sums.items()}
-    out["num_images"] = len(images)
-    return out
+            change[j] += token_change_rate(ids, nids, per_image=True).sum()
+            c = cosine_similarity(feats, nfeats, per_position=True)
+            cos[j] += c.reshape(len(c), -1).mean(1).sum()
+    return {"change": (change / len(images)).tolist(), "cos_sim": (cos / len(images)).tolist()}
+
+
+def stability(flows: Flows, images: np.ndarray, snr_levels: tuple[float, ...] = SNR_LEVELS_DB, seed: int = 0,
+              batch: int = 256) -> dict[str, list[float] | int]:
+    """The paper's Table 1 on uint8 ``images [N, H, W, 3]``: ``token_stability`` of the
+    discriminative tokens (encoder features) and of the VQ tokens (VQ encoder latents before
+    quantisation), on the same noisy images."""
+    def disc(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        ids, _, feats = flows.tokenize(x)
+        return ids, feats
+
+    c = flows.config.channels
+    d = token_stability(disc, images, c, snr_levels, seed, batch)
+    v = token_stability(flows.vq_encode, images, c, snr_levels, seed, batch)
+    return {"snr_db": [float(s) for s in snr_levels], "disc_change": d["change"], "vq_change": v["change"],
+            "disc_cos_sim": d["cos_sim"], "vq_cos_sim": v["cos_sim"], "num_images": len(images)}

@@ -59,6 +59,11 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     atomic_save(k8.stage1.state_dict(), root / "k8/stage1/stage1.safetensors", {"model": k8.config.to_dict()})
     (root / "k8/stage1/train_config.json").write_text(json.dumps(
         {"encoder": str(root / "ssl/encoder.safetensors"), "codebook": ""}))
+    conv = tiny(3)
+    conv.encoder.stem = "conv"
+    torch.manual_seed(1)
+    atomic_save(DiGIT(conv).encoder.state_dict(), root / "conv/ssl/encoder.safetensors",
+                {"model": conv.to_dict(), "source": "conv stem (test)"})
     stage1.main([f"--root={root}", f"--data={root / 'images'}", "--model=tiny", "--batch_size=8", "--workers=0",
                  "--steps=3", "--tokens=vq"])
     return root
@@ -131,10 +136,10 @@ def test_probe_model_from_a_stage1_run_without_stage2(root: Path) -> None:
 
 
 def test_control_codebook_is_fit_on_random_init_features(root: Path) -> None:
-    from training.analyses.stability import control_model
+    from training.analyses.stability import kmeans_model
     model = DiGIT.load(root / "model")
     fit = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in sorted((root / "images").rglob("*.png"))[:16]])
-    control = control_model(model, fit, seed=3, batch=8)
+    control = kmeans_model(model, fit, seed=3, batch=8)
     K = model.config.codebook.size
     assert control.codebook.centroids.shape == (K, model.config.encoder.width)
     ours, ctrl = model.own_state_dict(), control.own_state_dict()
@@ -151,12 +156,13 @@ def test_every_analysis_writes_its_report(root: Path, tmp_path: Path) -> None:
     from training.analyses.__main__ import main
     out = tmp_path / "report"
     main([f"--root={root}", f"--data={root / 'images'}", "--name=tiny", f"--out={out}",
-          f"--classifier={tmp_path / 'clf.safetensors'}", f"--probe_roots={root / 'k8'}", *SMALL])
-    for key in ("stability", "probe", "ablation", "completion"):
+          f"--classifier={tmp_path / 'clf.safetensors'}", f"--probe_roots={root / 'k8'}",
+          f"--encoders=conv={root / 'conv/ssl/encoder.safetensors'}", *SMALL])
+    for key in ("stability", "probe", "ablation", "ssl_type", "completion"):
         for ext in ("json", "html", "png", "md"):
             assert (out / f"{key}.{ext}").stat().st_size > 0, f"{key}.{ext}"
     readme = (out / "README.md").read_text()
-    assert all(t in readme for t in ("Table 1", "Figure 3b", "Table 3a", "Figure 4b"))
+    assert all(t in readme for t in ("Table 1", "Figure 3b", "Table 3a", "Table 4a", "Figure 4b"))
     assert not (out / "plotly.min.js").exists() and (tmp_path / "clf.safetensors").exists()
 
     s = json.loads((out / "stability.json").read_text())
@@ -180,11 +186,29 @@ def test_every_analysis_writes_its_report(root: Path, tmp_path: Path) -> None:
     assert a["budget"]["vq"]["steps"] == 3 and a["cfg"] == tiny().sampling.cfg
     assert Image.open(out / "ablation_digit.png").size == Image.open(out / "ablation_vq.png").size
 
+    t = json.loads((out / "ssl_type.json").read_text())
+    names = [r["tokenizer"] for r in t["tokenizers"]]
+    assert names == ["ours", "conv", "random-init control", "VQGAN latents + K-Means", "VQGAN ids"]
+    for r in t["tokenizers"]:
+        assert len(r["change"]) == 8 and all(0 <= v <= 1 for v in r["change"])
+        assert 0 <= r["probe_tokens"] <= 1 and 0 <= r["probe_features"] <= 1
+    assert t["tokenizers"][1]["source"] == "conv stem (test)" and t["tokenizers"][3]["usage"]["codes"] == 16
+    # the same noise for every tokenizer: the VQ ids change exactly as in the stability section
+    assert np.allclose(t["tokenizers"][4]["change"], s["ours"]["vq_change"])
+    assert np.allclose(t["tokenizers"][0]["change"], s["ours"]["disc_change"])
+
     c = json.loads((out / "completion.json").read_text())
     assert c["prefix_percent"] == [12.5, 25.0, 50.0, 75.0]
     assert c["keep_rows"] == [keep_rows_for(q, 4) for q in c["prefix_percent"]] and c["grid"] == 4
     for k in ("digit", "vq"):
         assert len(c[k]["fd"]) == 4 and all(0 <= v <= 1 for v in c[k]["agreement"]) and min(c[k]["fd"]) >= 0
+
+
+def test_encoders_option_names_its_format(root: Path, tmp_path: Path) -> None:
+    from training.analyses.__main__ import main
+    with pytest.raises(ValueError, match="LABEL=PATH"):
+        main([f"--root={root}", f"--data={root / 'images'}", f"--out={tmp_path}", "--only=ssl_type",
+              f"--encoders={root / 'conv/ssl/encoder.safetensors'}", *SMALL])
 
 
 def test_only_names_a_missing_run_is_an_error(root: Path, tmp_path: Path) -> None:
@@ -226,3 +250,18 @@ def test_findings_follow_the_numbers() -> None:
     assert "about as stable as" in text and "stability alone does not show" in text
     assert "The linear probe separates them" in text and "supervision" in text
     assert "training did make the tokens more stable" in " ".join(stability.findings(d | {"control": curve(0.6)}))
+
+
+def test_ssl_type_findings_compare_with_the_reconstructive_tokenizer() -> None:
+    from training.analyses import ssl_type
+    row = lambda name, tok, change: {"tokenizer": name, "source": "s", "probe_tokens": tok, "probe_features": tok,
+                                     "change": [change] * 8, "usage": {"used": 4, "codes": 4}}
+    d = {"snr_db": [30.0, 25.0, 20.0, 15.0, 10.0, 5.0, 1.0, 0.01], "paper": ssl_type.PAPER, "codebook_size": 4,
+         "fit_images": 1, "probe_images": {"train": 1, "test": 1}, "num_images": 1, "images": "x",
+         "tokenizers": [row("ours", 0.8, 0.2), row("worse", 0.5, 0.6), row("random-init control", 0.6, 0.3),
+                        row("VQGAN latents + K-Means", 0.6, 0.5), row("VQGAN ids", 0.55, 0.7)]}
+    text = ssl_type.findings(d)
+    assert text[0].startswith("Most class information in the tokens: ours") and "most stable at 10 dB: ours" in text[0]
+    assert "more stable, as the paper finds" in text[1]
+    assert "neither more informative nor more stable, unlike the paper" in text[2]
+    assert "| ours | s | 0.800 | 0.800 | 0.200 | 4/4 |" in ssl_type.markdown(d)

@@ -14,22 +14,24 @@ import sys
 import time
 from typing import Any, Callable
 
-from training.analyses import ablation, completion, probe, stability
+from training.analyses import ablation, completion, probe, ssl_type, stability
 from training.analyses.common import ORDER, Context, Options, Section, write_readme, write_section
 from training.evaluate import EvalConfig, held_out_spec
 
 ANALYSES: dict[str, Callable[[Context], Section]] = {
-    "stability": stability.run, "probe": probe.run, "ablation": ablation.run, "completion": completion.run}
+    "stability": stability.run, "probe": probe.run, "ablation": ablation.run, "ssl_type": ssl_type.run,
+    "completion": completion.run}
 NEEDS = {"stability": "model, ssl/encoder.safetensors (its description)",
          "probe": "model (and --probe_roots runs)",
          "ablation": "model, stage1/, stage1_vq/, vqgan/, the classifier",
+         "ssl_type": "model (and --encoders files)",
          "completion": "model, stage1_vq/, vqgan/, the classifier"}
 
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m training.analyses", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    lists: dict[str, Callable[[str], Any]] = {"probe_roots": str, "prefixes": float}
+    lists: dict[str, Callable[[str], Any]] = {"probe_roots": str, "encoders": str, "prefixes": float}
     for f in dataclasses.fields(Options):
         if f.name in lists:
             kind = lists[f.name]

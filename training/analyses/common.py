@@ -23,7 +23,7 @@ from training.evaluate import (EvalConfig, Labelled, as_uint8, classify, frechet
                                load_splits)
 from training.ssl import linear_probe
 
-ORDER = ("stability", "probe", "ablation", "completion")
+ORDER = ("stability", "probe", "ablation", "ssl_type", "completion")   # the paper's order
 CLOSE = 0.05
 """Relative differences of a Fréchet distance below this (5%) count as "about the same"."""
 
@@ -42,6 +42,7 @@ class Options:
     vqgan: str = ""                      # default <root>/vqgan/vqgan.safetensors
     vq_stage1: str = ""                  # default <root>/stage1_vq/stage1.safetensors (the ablation baseline)
     probe_roots: tuple[str, ...] = ()    # more runs (other K) for the per-layer probe; each <r>/model
+    encoders: tuple[str, ...] = ()       # more encoders for ssl_type, LABEL=PATH (ssl artifacts)
     classifier: str = ""                 # the judge; default training.evaluate's cache runs/eval/<data>-classifier
     seed: int = 0
     device: str = "auto"

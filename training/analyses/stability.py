@@ -9,12 +9,16 @@ probe on its tokens (bag-of-tokens histograms) and on its continuous features (m
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 import numpy as np
 import torch
 
 from digit_core.codebook import fit_kmeans, usage_stats
 from digit_core.flows import Flows
-from digit_core.metrics import PAPER_TABLE1, stability
+from digit_core.config import EncoderConfig
+from digit_core.metrics import PAPER_TABLE1, Encode, stability
 from digit_core.pipeline import DiGIT
 from digit_core.viz import stability_figure
 from training.analyses.common import Context, Section, batched, fmt, images_text, probe_accuracy, table
@@ -25,54 +29,73 @@ MARGIN = 0.02
 """A probe lead above this (2 points of accuracy) counts as separating two tokenizers."""
 
 
-def control_model(model: DiGIT, fit_images: np.ndarray, seed: int, batch: int) -> DiGIT:
-    """``model``'s encoder architecture at random initialisation, with a K-Means codebook of the
-    same K fit on its features of ``fit_images``; the VQGAN and both GPTs are ``model``'s, so the
-    control's VQ side is exactly ours."""
+def kmeans_model(model: DiGIT, fit_images: np.ndarray, seed: int, batch: int, encoder: EncoderConfig | None = None,
+                 encoder_state: dict[str, torch.Tensor] | None = None) -> DiGIT:
+    """``model`` with another encoder - ``encoder``/``encoder_state``, by default ``model``'s
+    architecture at (seeded) random initialisation, the control - and a K-Means codebook of the
+    same K fit on that encoder's features of ``fit_images``. The VQGAN and both GPTs stay
+    ``model``'s, so the VQ side is exactly ours."""
+    cfg = copy.deepcopy(model.config)
+    if encoder is not None:
+        cfg.encoder = dataclasses.replace(encoder, image_size=cfg.image_size)
     with torch.random.fork_rng():   # a seeded init that leaves the global generator as it was
         torch.manual_seed(seed)
-        control = DiGIT(model.config)
-    control.load_state_dict({k: v for k, v in model.own_state_dict().items()
-                             if not k.startswith(("encoder.", "codebook."))}, strict=False)
-    control.to(model.device)
-    feats = np.concatenate(batched(lambda x: control.tokenize(x)[2], fit_images, batch))
-    centroids = fit_kmeans(feats.reshape(-1, feats.shape[-1]), model.config.codebook.size, seed=seed)
-    control.codebook.set_centroids(centroids)
-    return control
+        other = DiGIT(cfg.validate())
+    other.load_state_dict({k: v for k, v in model.own_state_dict().items()
+                           if not k.startswith(("encoder.", "codebook."))}, strict=False)
+    if encoder_state is not None:
+        other.encoder.load_state_dict(encoder_state)
+    other.to(model.device)
+    feats = np.concatenate(batched(lambda x: other.tokenize(x)[2], fit_images, batch))
+    other.codebook.set_centroids(fit_kmeans(feats.reshape(-1, feats.shape[-1]), model.config.codebook.size, seed=seed))
+    return other
 
 
-def representations(flows: Flows, images: np.ndarray, batch: int, vq: bool = False) -> dict[str, np.ndarray]:
+def disc_encode(flows: Flows) -> Encode:
+    """``flows``'s discriminative tokenizer as an ``Encode``: ``(cluster ids, encoder features)``."""
+    def encode(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        ids, _, feats = flows.tokenize(x)
+        return ids, feats
+    return encode
+
+
+def representations(encode: Encode, images: np.ndarray, batch: int, K: int) -> dict[str, np.ndarray]:
     """Per image: ``tokens`` (normalised histogram of its token ids ``[N, K]``), ``features``
-    (mean-pooled encoder features or VQ latents ``[N, d]``) and the raw ``ids``."""
+    (mean-pooled continuous features ``[N, d]``) and the raw ``ids``."""
     def one(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if vq:
-            ids, feats = flows.vq_encode(x)
-        else:
-            ids, _, feats = flows.tokenize(x)
+        ids, feats = encode(x)
         return ids.reshape(len(x), -1), feats.reshape(len(x), -1, feats.shape[-1]).mean(1)
     parts = batched(one, images, batch)
     ids = np.concatenate([p[0] for p in parts])
-    K = flows.config.vqgan.n_embed if vq else flows.config.codebook.size
     hist = np.stack([np.bincount(r, minlength=K) for r in ids]).astype(np.float32) / ids.shape[1]
     return {"ids": ids, "tokens": hist, "features": np.concatenate([p[1] for p in parts])}
+
+
+def probe_and_usage(encode: Encode, K: int, train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
+                    batch: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Linear-probe accuracy on a tokenizer's tokens (bag of tokens) and on its mean-pooled
+    features, trained on ``train`` images and scored on ``test``; and its code usage on ``test``."""
+    tr, te = (representations(encode, x, batch, K) for x in (train[0], test[0]))
+    probe = {k: probe_accuracy((tr[k], train[1]), (te[k], test[1])) for k in ("tokens", "features")}
+    u = usage_stats(te["ids"], K)
+    return probe, {"codes": K, "used": u["used"], "perplexity": u["perplexity"]}
 
 
 def run(ctx: Context) -> Section:
     o, model = ctx.opts, ctx.model
     images = ctx.images("test", o.n_stability)[0]
-    control = control_model(model, ctx.images("train", o.n_control_fit)[0], o.seed, o.batch)
+    control = kmeans_model(model, ctx.images("train", o.n_control_fit)[0], o.seed, o.batch)
     ours, ctrl = (stability(f, images, seed=o.seed, batch=o.batch) for f in (model, control))
 
     # The linear probe, trained on training images and scored on test images, per tokenizer.
-    (x_tr, y_tr), (x_te, y_te) = ctx.images("train", o.n_probe_train), ctx.images("test", o.n_probe_test)
-    tokenizers = {"ours": (model, False), "control": (control, False), "vq": (model, True)}
+    train, test = ctx.images("train", o.n_probe_train), ctx.images("test", o.n_probe_test)
+    K, V = model.config.codebook.size, model.config.vqgan.n_embed
+    tokenizers = {"ours": (disc_encode(model), K), "control": (disc_encode(control), K), "vq": (model.vq_encode, V)}
     probe: dict[str, dict[str, float]] = {}
     usage: dict[str, dict[str, float]] = {}
-    for name, (flows, vq) in tokenizers.items():
-        tr, te = (representations(flows, x, o.batch, vq) for x in (x_tr, x_te))
-        probe[name] = {k: probe_accuracy((tr[k], y_tr), (te[k], y_te)) for k in ("tokens", "features")}
-        u = usage_stats(te["ids"], te["tokens"].shape[1])
-        usage[name] = {"codes": te["tokens"].shape[1], "used": u["used"], "perplexity": u["perplexity"]}
+    for name, (encode, k) in tokenizers.items():
+        probe[name], usage[name] = probe_and_usage(encode, k, train, test, o.batch)
+    (x_tr, y_tr), (x_te, y_te) = train, test
     flat = lambda x: x[..., : model.config.channels].reshape(len(x), -1).astype(np.float32) / 255.0
     probe["pixels"] = {"features": probe_accuracy((flat(x_tr), y_tr), (flat(x_te), y_te))}
 
@@ -91,7 +114,7 @@ def run(ctx: Context) -> Section:
                    markdown(data))
 
 
-def _at(data: dict, series: list[float], snr: float) -> float:
+def value_at(data: dict, series: list[float], snr: float) -> float:
     """The value of ``series`` at the SNR nearest to ``snr``."""
     return series[int(np.argmin(np.abs(np.asarray(data["snr_db"]) - snr)))]
 
@@ -101,7 +124,7 @@ def findings(d: dict) -> list[str]:
     ours, ctrl, paper, probe, use = d["ours"], d["control"], d["paper"], d["probe"], d["code_usage"]
     disc, vq, c = (np.asarray(x) for x in (ours["disc_change"], ours["vq_change"], ctrl["disc_change"]))
     n, wins = len(disc), int((disc < vq).sum())
-    at10 = lambda s: _at(d, list(s), 10.0)
+    at10 = lambda s: value_at(d, list(s), 10.0)
     out = []
     order = ("as in the paper, whose discriminative tokens change less at every SNR" if wins == n else
              "unlike the paper, whose discriminative tokens change less at every SNR")
