@@ -135,7 +135,7 @@ def parse_config(cls: type, argv: list[str] | None = None) -> Any:
         a = argv[i]
         if a == "--config" or a.startswith("--config="):
             path = a.partition("=")[2] or argv[(i := i + 1)]
-            values.update(_read_config_file(Path(path), cls.stage, fields))
+            values.update(_read_config_file(Path(path), getattr(cls, "stage", ""), fields))
         else:
             rest.append(a)
         i += 1
