@@ -106,6 +106,25 @@ def _vqgan(root: Path, folder: Path, steps: int) -> None:
                 "--adv_start=2", "--reset_every=2", "--eval_every=100", "--eval_images=8", "--ema=0.9"])
 
 
+def test_a_recipe_can_extend_a_base_recipe(tmp_path: Path) -> None:
+    from training.ssl import SSLConfig
+    from training.stage1 import Stage1Config
+    (tmp_path / "base.yaml").write_text("root: runs/a\nmodel: fmnist\nssl: {steps: 5, lr: 0.1}\nstage1: {steps: 7}\n")
+    (tmp_path / "v.yaml").write_text("base: base.yaml\nroot: runs/b\nssl: {steps: 9}\n")
+    c = parse_config(SSLConfig, ["--config", str(tmp_path / "v.yaml")])
+    assert (c.root, c.model, c.steps, c.lr) == ("runs/b", "fmnist", 9, 0.1)   # a section merges key by key
+    assert parse_config(Stage1Config, ["--config", str(tmp_path / "v.yaml")]).steps == 7
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="its own base"):
+        parse_config(SSLConfig, ["--config", str(tmp_path / "loop.yaml")])
+    with pytest.raises(ConfigError, match="does not exist"):
+        (tmp_path / "orphan.yaml").write_text("base: missing.yaml\n")
+        parse_config(SSLConfig, ["--config", str(tmp_path / "orphan.yaml")])
+    # the shipped variant resolves against fmnist.yaml
+    ssl = parse_config(SSLConfig, ["--config", str(REPO / "training/fmnist_ssl.yaml")])
+    assert (ssl.objective, ssl.model, ssl.val_data, ssl.root) == ("contrastive", "fmnist-conv", "fmnist:test", "runs/fmnist-ssl")
+
+
 def test_help_lists_every_option_and_exits_cleanly() -> None:
     r = subprocess.run([sys.executable, "-m", "training.stage1", "--help"], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

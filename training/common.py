@@ -151,15 +151,33 @@ def parse_config(cls: type, argv: list[str] | None = None) -> Any:
     return cls(**values)
 
 
-def _read_config_file(path: Path, stage: str, fields: set[str]) -> dict[str, Any]:
+def _load_recipe(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file as a dict; ``base: other.yaml`` (relative to the file) is read first and
+    this file's keys override it, a stage section key by key, so a variant recipe names only
+    what it changes."""
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
+    if path.resolve() in seen:
+        raise ConfigError(f"config file {path} is its own base")
     text = path.read_text()
     if path.suffix in (".yaml", ".yml"):
         import yaml
         d = yaml.safe_load(text) or {}
     else:
         d = json.loads(text)
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: a config file holds a mapping, not {type(d).__name__}")
+    base = d.pop("base", None)
+    if base is None:
+        return d
+    out = _load_recipe(path.parent / base, seen + (path.resolve(),))
+    for k, v in d.items():
+        out[k] = (out.get(k) or {}) | v if k in STAGES and isinstance(v, dict) else v
+    return out
+
+
+def _read_config_file(path: Path, stage: str, fields: set[str]) -> dict[str, Any]:
+    d = _load_recipe(path)
     shared = {f.name for f in dataclasses.fields(RunConfig)}
     out: dict[str, Any] = {}
     for k, v in d.items():
