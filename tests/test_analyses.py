@@ -51,6 +51,7 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
         img = np.clip(rng.normal(60 + 70 * c, 30, (16, 16, 3)), 0, 255).astype(np.uint8)
         Image.fromarray(img).save(d / f"{i}.png")
     model = tiny_model(root / "images")
+    model.config.encoder.source = "random init (test)"   # as assemble records the encoder file's source
     model.save(root / "model")
     atomic_save(model.vqgan.state_dict(), root / "vqgan/vqgan.safetensors")
     atomic_save(model.encoder.state_dict(), root / "ssl/encoder.safetensors", {"source": "random init (test)"})
@@ -265,3 +266,15 @@ def test_ssl_type_findings_compare_with_the_reconstructive_tokenizer() -> None:
     assert "more stable, as the paper finds" in text[1]
     assert "neither more informative nor more stable, unlike the paper" in text[2]
     assert "| ours | s | 0.800 | 0.800 | 0.200 | 4/4 |" in ssl_type.markdown(d)
+
+
+def test_probe_findings_compare_k_within_one_encoder_and_encoders_at_equal_k() -> None:
+    from training.analyses import probe
+    row = lambda k, enc, acc: {"label": f"K={k}, {enc}", "codebook_size": k, "encoder": enc, "n_layer": 2,
+                               "accuracy": acc, "best_layer": int(np.argmax(acc)), "first_token": "null class"}
+    d = {"models": [row(128, "supervised", [0.5, 0.7, 0.6]), row(512, "supervised", [0.5, 0.8, 0.7]),
+                    row(512, "contrastive", [0.5, 0.6, 0.65])], "probe_images": {"train": 1, "test": 1},
+         "paper": probe.PAPER}
+    text = " ".join(probe.findings(d))
+    assert "K=128, supervised 0.700, K=512, supervised 0.800 rises with K" in text
+    assert "At K=512, stage 1 over the contrastive encoder's tokens probes 0.650 at best vs 0.800" in text
