@@ -79,7 +79,7 @@ def findings(d: dict) -> list[str]:
     lo, hi = int(np.argmin(d["prefix_percent"])), int(np.argmax(d["prefix_percent"]))
     p_lo, p_hi = d["prefix_percent"][lo], d["prefix_percent"][hi]
     rise = {k: d[k]["fd"][lo] / d[k]["fd"][hi] - 1 if d[k]["fd"][hi] > 0 else 0.0 for k in MODELS}
-    drop = {k: d[k]["agreement"][hi] - d[k]["agreement"][lo] for k in MODELS}
+    change = {k: d[k]["agreement"][lo] - d[k]["agreement"][hi] for k in MODELS}   # negative: fewer agree
     agree = rise["vq"] - rise["digit"] > CLOSE
     verdict = ("VQ tokens degrade more with a short prefix, as in the paper." if agree else
                "discriminative tokens degrade more with a short prefix, unlike the paper." if
@@ -92,7 +92,7 @@ def findings(d: dict) -> list[str]:
            f"{rise['vq'] * 100:+.0f}% with VQ tokens ({d['vq']['fd'][hi]:.3f} -> {d['vq']['fd'][lo]:.3f}): {verdict}",
            f"Classified like the original at {p_lo:g}%: discriminative {d['digit']['agreement'][lo]:.3f}, VQ "
            f"{d['vq']['agreement'][lo]:.3f} (at {p_hi:g}%: {d['digit']['agreement'][hi]:.3f} vs "
-           f"{d['vq']['agreement'][hi]:.3f}; drops {drop['digit']:+.3f} vs {drop['vq']:+.3f})."]
+           f"{d['vq']['agreement'][hi]:.3f}; a change of {change['digit']:+.3f} vs {change['vq']:+.3f})."]
     if not agree:
         why = ["the two models differ in overall quality (see the ablation), which shifts whole curves"]
         if d["vq"]["agreement"][lo] >= 0.5:
