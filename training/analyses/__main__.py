@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{key}: {time.perf_counter() - t:.0f} s, wrote {', '.join(p.name for p in paths)}", flush=True)
     command = shlex.join(["python", "-m", "training.analyses", *(sys.argv[1:] if argv is None else argv)])
     header = (f"Runs under `{opts.root}`, images from `{opts.data}` (test: `{held_out_spec(EvalConfig(data=opts.data, test_data=opts.test_data)) or 'a seeded fifth of them'}`), "
-              f"seed {opts.seed}. Regenerate a section with `{command}`. Our numbers come from small models "
+              f"seed {opts.seed}. The runs and the command for every section: training/README.md (\"The paper's "
+              f"analyses\"); this file was last joined by `{command}`. Our numbers come from small models "
               f"on small images: compare their direction with the paper's, not their values.")
     print(f"wrote {write_readme(out, opts.name or out.name, header)}")
 

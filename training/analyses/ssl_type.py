@@ -30,7 +30,7 @@ from digit_core.codebook import Codebook, fit_kmeans
 from digit_core.config import DiGITConfig
 from digit_core.metrics import SNR_LEVELS_DB, Encode, token_stability
 from training.analyses.common import Context, Section, batched, fmt, images_text, table
-from training.analyses.stability import disc_encode, kmeans_model, probe_and_usage, value_at
+from training.analyses.stability import MARGIN, disc_encode, kmeans_model, probe_and_usage, value_at
 from training.common import load_tensors, require
 
 PAPER = [  # Table 4a: SSL type, FID, IS, Acc@LP (probe of the AR model), Acc@OL (probe of the SSL model)
@@ -113,14 +113,20 @@ def run(ctx: Context) -> Section:
     data = {"snr_db": list(snr), "num_images": len(test), "tokenizers": results, "paper": PAPER,
             "probe_images": {"train": len(train_p[0]), "test": len(test_p[0])}, "fit_images": len(fit),
             "codebook_size": K, "images": images_text(ctx)}
+    return section(data)
+
+
+def section(d: dict) -> Section:
+    """The report section from its data (``ssl_type.json``): a figure of token change vs SNR per
+    tokenizer, and the markdown."""
     fig = go.Figure()
-    for r in results:
-        fig.add_scatter(x=[str(s) for s in snr], y=r["change"], mode="lines+markers", name=r["tokenizer"])
+    for r in d["tokenizers"]:
+        fig.add_scatter(x=[str(s) for s in d["snr_db"]], y=r["change"], mode="lines+markers", name=r["tokenizer"])
     fig.update_layout(title=dict(text="Token change under noise per tokenizer (lower = more stable)", font=dict(size=14)),
                       height=420, xaxis=dict(title="SNR (dB)"), yaxis=dict(title="share of tokens changed", range=[0, 1]),
                       plot_bgcolor="white", margin=dict(l=10, r=10, t=40, b=10))
     fig.update_yaxes(gridcolor="#eee")
-    return Section("ssl_type", "Which encoder makes the tokenizer (Table 4a)", data, fig, markdown(data))
+    return Section("ssl_type", "Which encoder makes the tokenizer (Table 4a)", d, fig, markdown(d))
 
 
 def findings(d: dict) -> list[str]:
@@ -147,11 +153,19 @@ def findings(d: dict) -> list[str]:
                 f"{recon['probe_tokens']:.3f}, change at {AT_DB:g} dB {at(r):.3f} vs {at(recon):.3f}: it {verdict}.")
         ctrl = next((c for c in controls if c["stem"] == r["stem"]), None)
         if ctrl is not None:
-            gain = r["probe_features"] - ctrl["probe_features"]
+            gf, gt = r["probe_features"] - ctrl["probe_features"], r["probe_tokens"] - ctrl["probe_tokens"]
+            verdict = ("training made both the features and the tokens more informative" if gf > MARGIN and gt > MARGIN else
+                       "training improved the features but not what K-Means keeps of them: its tokens are no better "
+                       "than untrained ones" if gf > MARGIN else "training did not make it more informative")
             line += (f" Against the same architecture untrained: features probe {r['probe_features']:.3f} vs "
-                     f"{ctrl['probe_features']:.3f} ({gain * 100:+.1f} points), token probe {r['probe_tokens']:.3f} vs "
-                     f"{ctrl['probe_tokens']:.3f}.")
+                     f"{ctrl['probe_features']:.3f} ({gf * 100:+.1f} points), token probe {r['probe_tokens']:.3f} vs "
+                     f"{ctrl['probe_tokens']:.3f} ({gt * 100:+.1f}): {verdict}.")
         out.append(line)
+    if any("no better than untrained" in line for line in out):
+        out.append("Likely reason where the tokens gained nothing: K-Means tokens are per patch, while a global "
+                   "objective (contrastive on mean-pooled features) shapes the average of the patches, and our "
+                   "patch-level DINO+iBOT run was too short to be trained at all (the paper, §4.5: patch-level "
+                   "objectives make the better tokenizers).")
     out.append("Untrained controls are about as stable as trained encoders or more, so stability alone does not "
                "show an encoder's training: the probes against the same architecture untrained do.")
     out.append("Generation per encoder (the paper's FID column) is not measured here: each tokenizer needs its own "
