@@ -127,6 +127,13 @@ def findings(d: dict) -> list[str]:
                    f"has {acc[-1]:.3f}.")
         if not middle:
             off.append(L)
+    flat = [r for r in d["models"] if max(r["accuracy"]) - r["accuracy"][0] < 0.02]
+    if flat:
+        out.append(f"For {', '.join(r['label'] for r in flat)} the position-averaged embeddings (layer 0: a bag of "
+                   f"tokens) already probe within 2 points of the best layer: the tokens themselves carry the class, "
+                   f"so the blocks have little to add"
+                   + (" - these tokens come from an encoder trained with the labels." if any(
+                       r.get("encoder") == "supervised" for r in flat) else "."))
     if off:
         out.append(f"Likely reason: {'/'.join(map(str, sorted(set(off))))}-layer GPTs trained at our budget; the "
                    f"paper's middle-layer peak is that of 16-24-layer models trained for 200+ epochs, whose last "
