@@ -285,7 +285,10 @@ def main(argv: list[str] | None = None) -> None:
         x = to_channels(x, e.in_chans)
         B = x.shape[0]
         if supervised or contrastive:
-            supervised_step(tr, model, x, y, cfg) if supervised else contrastive_step(tr, model, x, cfg)
+            if supervised:
+                supervised_step(tr, model, x, y, cfg)
+            else:
+                contrastive_step(tr, model, x, cfg)
             if cfg.probe_every and (step + 1) % cfg.probe_every == 0 and step + 1 < cfg.steps and tr.d.main:
                 with tr.untimed():
                     tr.record(step=step + 1, **probe(tr, probe_sets))
