@@ -94,6 +94,14 @@ Encode = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 """``f(uint8 images [N, H, W, C]) -> (token ids [N, ...], continuous features [N, ..., d])``."""
 
 
+def disc_encode(flows: Flows) -> Encode:
+    """``flows``'s discriminative tokenizer as an ``Encode``: ``(cluster ids, encoder features)``."""
+    def encode(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        ids, _, feats = flows.tokenize(x)
+        return ids, feats
+    return encode
+
+
 def token_stability(encode: Encode, images: np.ndarray, channels: int, snr_levels: tuple[float, ...] = SNR_LEVELS_DB,
                     seed: int = 0, batch: int = 256) -> dict[str, list[float]]:
     """One tokenizer's row of Table 1 on uint8 ``images [N, H, W, 3]``: at each SNR the share of
@@ -127,12 +135,8 @@ def stability(flows: Flows, images: np.ndarray, snr_levels: tuple[float, ...] = 
     """The paper's Table 1 on uint8 ``images [N, H, W, 3]``: ``token_stability`` of the
     discriminative tokens (encoder features) and of the VQ tokens (VQ encoder latents before
     quantisation), on the same noisy images."""
-    def disc(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        ids, _, feats = flows.tokenize(x)
-        return ids, feats
-
     c = flows.config.channels
-    d = token_stability(disc, images, c, snr_levels, seed, batch)
+    d = token_stability(disc_encode(flows), images, c, snr_levels, seed, batch)
     v = token_stability(flows.vq_encode, images, c, snr_levels, seed, batch)
     return {"snr_db": [float(s) for s in snr_levels], "disc_change": d["change"], "vq_change": v["change"],
             "disc_cos_sim": d["cos_sim"], "vq_cos_sim": v["cos_sim"], "num_images": len(images)}

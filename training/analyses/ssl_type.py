@@ -28,9 +28,9 @@ import torch
 
 from digit_core.codebook import Codebook, fit_kmeans
 from digit_core.config import DiGITConfig
-from digit_core.metrics import SNR_LEVELS_DB, Encode, token_stability
+from digit_core.metrics import SNR_LEVELS_DB, Encode, disc_encode, token_stability
 from training.analyses.common import Context, Section, batched, fmt, images_text, table
-from training.analyses.stability import MARGIN, disc_encode, kmeans_model, probe_and_usage, value_at
+from training.analyses.stability import MARGIN, kmeans_model, probe_and_usage, value_at
 from training.common import load_tensors, require
 
 PAPER = [  # Table 4a: SSL type, FID, IS, Acc@LP (probe of the AR model), Acc@OL (probe of the SSL model)

@@ -16,9 +16,8 @@ import numpy as np
 import torch
 
 from digit_core.codebook import fit_kmeans, usage_stats
-from digit_core.flows import Flows
 from digit_core.config import EncoderConfig
-from digit_core.metrics import PAPER_TABLE1, Encode, stability
+from digit_core.metrics import PAPER_TABLE1, Encode, disc_encode, stability
 from digit_core.pipeline import DiGIT
 from digit_core.viz import stability_figure
 from training.analyses.common import Context, Section, batched, fmt, images_text, probe_accuracy, table
@@ -49,14 +48,6 @@ def kmeans_model(model: DiGIT, fit_images: np.ndarray, seed: int, batch: int, en
     feats = np.concatenate(batched(lambda x: other.tokenize(x)[2], fit_images, batch))
     other.codebook.set_centroids(fit_kmeans(feats.reshape(-1, feats.shape[-1]), model.config.codebook.size, seed=seed))
     return other
-
-
-def disc_encode(flows: Flows) -> Encode:
-    """``flows``'s discriminative tokenizer as an ``Encode``: ``(cluster ids, encoder features)``."""
-    def encode(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        ids, _, feats = flows.tokenize(x)
-        return ids, feats
-    return encode
 
 
 def representations(encode: Encode, images: np.ndarray, batch: int, K: int) -> dict[str, np.ndarray]:
