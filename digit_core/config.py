@@ -25,11 +25,17 @@ class ConfigError(ValueError):
 
 @dataclass
 class EncoderConfig:
-    """A frozen ViT whose block outputs are the patch features that K-Means clusters.
+    """A frozen encoder whose patch features K-Means clusters.
 
     ``kind="dinov2"`` is timm's DINOv2 with the official DiGIT settings; ``kind="vit"`` is our
     small ViT for small images. ``feature_block`` is the 0-based block whose output is taken
     (9 of 12 for ViT-B: the third-to-last), optionally followed by the final LayerNorm.
+    ``kind="cnn"`` is a plain convolutional network: 3x3 convolutions with ``cnn_channels`` and
+    ``cnn_strides`` (their product is ``patch_size``), BatchNorm + ReLU after each; its last
+    layer's ``width = cnn_channels[-1]`` channels are the features of each grid cell.
+
+    ``objective`` and ``labels`` record how the weights were trained (``labels=False``: no label
+    reached the loss, the augmentations or the choice of checkpoint); ``source`` is free text.
     """
 
     kind: str = "vit"
@@ -51,7 +57,11 @@ class EncoderConfig:
     timm_name: str | None = None  # e.g. "vit_base_patch14_reg4_dinov2.lvd142m"
     pos_table_size: int = 0       # DINOv2: side of the checkpoint's position table (37)
     pos_interp_offset: float = 0.1
-    source: str = ""              # how the weights were obtained (e.g. self-supervised or with labels); shown by the app
+    cnn_channels: tuple[int, ...] = ()   # kind="cnn": output channels of each 3x3 convolution
+    cnn_strides: tuple[int, ...] = ()    # kind="cnn": stride of each (1 or 2)
+    objective: str = ""           # how the weights were trained, e.g. "vicreg_dense", "supervised", "dinov2"; "" = not recorded
+    labels: bool | None = None    # whether labels were used to train or select the weights; None = not recorded
+    source: str = ""              # free-text provenance (steps, run); shown by the app
 
     @property
     def grid(self) -> int:
@@ -212,8 +222,13 @@ class DiGITConfig:
             (e.stem in ("patch", "conv"), f"encoder.stem must be 'patch' or 'conv', got {e.stem!r}"),
             (e.stem == "patch" or (e.patch_size & (e.patch_size - 1) == 0 and e.patch_size >= 2),
              f"encoder.stem='conv' needs a power-of-two patch_size >= 2, got {e.patch_size}"),
-            (e.width % e.heads == 0, f"encoder.width {e.width} is not divisible by heads {e.heads}"),
+            (e.kind in ("dinov2", "vit", "cnn"), f"encoder.kind must be 'dinov2', 'vit' or 'cnn', got {e.kind!r}"),
+            (e.kind == "cnn" or e.width % e.heads == 0, f"encoder.width {e.width} is not divisible by heads {e.heads}"),
             (-e.depth <= e.feature_block < e.depth, f"encoder.feature_block {e.feature_block} outside depth {e.depth}"),
+            (e.kind != "cnn" or (len(e.cnn_channels) == len(e.cnn_strides) > 0 and set(e.cnn_strides) <= {1, 2}
+                                 and math.prod(e.cnn_strides) == e.patch_size and e.cnn_channels[-1] == e.width),
+             f"encoder.kind='cnn' needs as many cnn_channels as cnn_strides (each 1 or 2), strides multiplying to "
+             f"patch_size {e.patch_size} and cnn_channels[-1] == width {e.width}; got {e.cnn_channels} / {e.cnn_strides}"),
             (cb.dim == e.width, f"codebook.dim {cb.dim} != encoder.width {e.width}"),
             (self.channels in (1, 3), f"channels must be 1 or 3, got {self.channels}"),
             (vq.resolution % 2 ** (len(vq.ch_mult) - 1) == 0, "vqgan.resolution is not divisible by its downsampling"),
@@ -384,6 +399,18 @@ def fmnist_conv() -> DiGITConfig:
     return m.validate()
 
 
+def fmnist_cnn() -> DiGITConfig:
+    """``fmnist`` with a small CNN encoder (0.3M parameters, 8x8 x 128 features): the
+    self-supervised default, trained with patch-level VICReg (training/ssl.py)."""
+    m = fmnist_small()
+    m.name = "fmnist-cnn"
+    m.encoder = EncoderConfig(kind="cnn", image_size=32, model_size=32, in_chans=1, patch_size=4,
+                              width=128, depth=6, cnn_channels=(32, 64, 64, 96, 128, 128), cnn_strides=(1, 2, 1, 2, 1, 1),
+                              mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    m.codebook.dim = 128
+    return m.validate()
+
+
 FAIRSEQ_SPECIALS = 5  # fairseq dictionary: <s>=0, <pad>=1, </s>=2, <unk>=3, <n>=4
 FAIRSEQ_EOS = 2
 FAIRSEQ_POS_OFFSET = 2  # learned positions start at padding_idx (1) + 1
@@ -460,7 +487,7 @@ def imagenet_large(class_conditional: bool = True) -> DiGITConfig:
     return _official("large", 1000 if class_conditional else 0)
 
 
-PRESETS = {"tiny": tiny, "fmnist": fmnist_small, "fmnist-conv": fmnist_conv, "imagenet-base": imagenet_base, "imagenet-large": imagenet_large}
+PRESETS = {"tiny": tiny, "fmnist": fmnist_small, "fmnist-conv": fmnist_conv, "fmnist-cnn": fmnist_cnn, "imagenet-base": imagenet_base, "imagenet-large": imagenet_large}
 
 
 def preset(name: str) -> DiGITConfig:

@@ -125,8 +125,17 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
+FMNIST_VAL = 5000
+"""The validation split: the last 5,000 images of the published train split (``fit`` is the rest)."""
+FMNIST_SPLITS = ("train", "fit", "val", "test")
+
+
 class FashionMNIST(Dataset):
     """Fashion-MNIST from its idx ``.gz`` files, padded 28 -> ``image_size`` with black (its background).
+
+    Splits: ``train`` (the published 60,000), ``fit`` (its first 55,000) + ``val`` (its last
+    ``FMNIST_VAL``), ``test`` (the published 10,000). Choices are made on ``val``; ``test`` is
+    for the final evaluation.
 
     Training augmentation is a horizontal flip only: clothes are left-right symmetric enough,
     while a random crop would shift the centred objects the generator should learn to draw.
@@ -134,18 +143,21 @@ class FashionMNIST(Dataset):
 
     def __init__(self, root: str | Path = FMNIST_DIR, split: str = "train", image_size: int = 32,
                  channels: int = 1, train: bool | None = None, flip: bool = True) -> None:
-        if split not in ("train", "test"):
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-        root, prefix = Path(root), "train" if split == "train" else "t10k"
+        if split not in FMNIST_SPLITS:
+            raise ValueError(f"split must be one of {', '.join(FMNIST_SPLITS)}, got {split!r}")
+        root, prefix = Path(root), "t10k" if split == "test" else "train"
         files = [root / f"{prefix}-{kind}-idx{n}-ubyte.gz" for kind, n in (("images", 3), ("labels", 1))]
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
             raise FileNotFoundError(f"Fashion-MNIST files missing: {missing} (apt-get install dataset-fashion-mnist)")
         self.images, self.targets = _read_idx(files[0]), _read_idx(files[1]).astype(np.int64)
+        if split in ("fit", "val"):
+            part = slice(None, -FMNIST_VAL) if split == "fit" else slice(-FMNIST_VAL, None)
+            self.images, self.targets = self.images[part], self.targets[part]
         if image_size < 28:
             raise ValueError(f"image_size must be at least 28 for Fashion-MNIST, got {image_size}")
         self.pad = ((image_size - 28) // 2, image_size - 28 - (image_size - 28) // 2)
-        self.channels, self.train, self.flip = channels, split == "train" if train is None else train, flip
+        self.channels, self.train, self.flip = channels, split in ("train", "fit") if train is None else train, flip
         self.classes = list(FMNIST_CLASSES)
         self.skipped = 0
 
@@ -161,7 +173,8 @@ class FashionMNIST(Dataset):
 
 
 def build_dataset(spec: str, image_size: int, channels: int, train: bool = True, flip: bool = True) -> Dataset:
-    """``"fmnist"`` / ``"fmnist:test"`` / ``"fmnist:train@/dir"``, or the path of an image folder."""
+    """``"fmnist"`` (= ``fmnist:train``) / ``"fmnist:fit"`` / ``"fmnist:val"`` / ``"fmnist:test"`` /
+    ``"fmnist:train@/dir"``, or the path of an image folder."""
     if spec.startswith("fmnist"):
         name, _, root = spec.partition("@")
         split = name.partition(":")[2] or "train"

@@ -38,7 +38,9 @@ def main(argv: list[str] | None = None) -> None:
              "stage2": cfg.input(cfg.stage2, "stage2/stage2.safetensors")}
     loaded = {k: load_tensors(require(p, k if k != "codebook" else "kmeans")) for k, p in parts.items()}
     mcfg = DiGITConfig.from_dict(loaded["stage1"][1]["model"])
-    mcfg.encoder.source = loaded["encoder"][1].get("source", mcfg.encoder.source)   # e.g. "trained with the labels"
+    meta = loaded["encoder"][1]   # how the encoder was trained: objective, labels used, free text
+    e = mcfg.encoder
+    e.source, e.objective, e.labels = meta.get("source", e.source), meta.get("objective", e.objective), meta.get("labels", e.labels)
     if cfg.name:
         mcfg.name = cfg.name
     model = DiGIT(mcfg)

@@ -65,8 +65,11 @@ class SSLConfig(TrainConfig):
     weight_decay: float = 0.04
     beta2: float = 0.999
     grad_clip: float = 3.0
-    objective: str = "dino_ibot"   # dino_ibot | dino | ibot | contrastive | supervised (labels: the fallback)
+    objective: str = "dino_ibot"   # dino_ibot | dino | ibot | contrastive | vicreg_dense | supervised (labels: the fallback)
     temperature: float = 0.2       # contrastive: InfoNCE temperature
+    vicreg_weights: tuple[float, float, float] = (25.0, 25.0, 1.0)   # vicreg_dense: invariance, variance, covariance
+    dense_weight: float = 1.0      # vicreg_dense: weight of the per-location term beside the pooled one
+    noise: float = 0.0             # std of Gaussian pixel noise added to each view
     ibot_weight: float = 1.0
     out_dim: int = 1024            # prototypes
     head_hidden: int = 512
@@ -100,6 +103,9 @@ class SSLModel(nn.Module):
         self.classifier = nn.Linear(d, num_classes) if cfg.objective == "supervised" else None
         if cfg.objective == "contrastive":   # SimCLR's projection MLP; no prototypes, no mask token
             self.mlp = nn.Sequential(nn.Linear(d, cfg.head_hidden), nn.GELU(), nn.Linear(cfg.head_hidden, cfg.head_bottleneck))
+        elif cfg.objective == "vicreg_dense":   # VICReg's expander, applied at every grid cell (1x1 convolutions)
+            self.mlp = nn.Sequential(nn.Conv2d(d, cfg.head_hidden, 1), nn.BatchNorm2d(cfg.head_hidden), nn.ReLU(),
+                                     nn.Conv2d(cfg.head_hidden, cfg.head_hidden, 1))
         elif self.classifier is None:
             self.mask_token = nn.Parameter(torch.zeros(d)) if "ibot" in cfg.objective else None
             self.mlp = nn.Sequential(nn.Linear(d, cfg.head_hidden), nn.GELU(), nn.Linear(cfg.head_hidden, cfg.head_hidden),
@@ -151,6 +157,8 @@ class SSLModel(nn.Module):
             return self.classifier(self.encoder.features(globals_).mean((1, 2)))
         if self.objective == "contrastive":
             return F.normalize(self.mlp(self.encoder.features(globals_).mean((1, 2))).float(), dim=-1)
+        if self.objective == "vicreg_dense":   # projected feature maps [B, k, n, n]
+            return self.mlp(self.encoder.features(globals_).permute(0, 3, 1, 2))
         cls, patches = self.backbone(globals_, masks)
         if locals_ is not None:
             cls = torch.cat([cls, self.backbone(locals_)[0]])
@@ -174,9 +182,12 @@ class Centers(nn.Module):
         getattr(self, name).mul_(m).add_(mean, alpha=1 - m)
 
 
-def crops(x: torch.Tensor, n: int, size: int, scale: tuple[float, float], jitter: float) -> torch.Tensor:
+def crops(x: torch.Tensor, n: int, size: int, scale: tuple[float, float], jitter: float,
+          noise: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` random resized crops (area fraction in ``scale``, aspect 3/4..4/3) of each image,
-    flipped half the time, with brightness/contrast jitter: ``[n * B, C, size, size]``."""
+    flipped half the time, with brightness/contrast jitter and Gaussian noise of std ``noise``:
+    ``[n * B, C, size, size]``, and their affine maps ``theta [n * B, 2, 3]`` (view coordinates
+    -> image coordinates, both in [-1, 1], as ``F.affine_grid`` takes them)."""
     x = x.repeat(n, 1, 1, 1)
     N = x.shape[0]
     u = lambda lo, hi: torch.empty(N, device=x.device).uniform_(lo, hi)
@@ -190,7 +201,42 @@ def crops(x: torch.Tensor, n: int, size: int, scale: tuple[float, float], jitter
     y = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     b, c = u(1 - jitter, 1 + jitter).view(-1, 1, 1, 1), u(1 - jitter, 1 + jitter).view(-1, 1, 1, 1)
     mean = y.mean((1, 2, 3), keepdim=True)
-    return ((y - mean) * c + mean * b).clamp(0, 1)
+    y = (y - mean) * c + mean * b
+    if noise:
+        y = y + noise * torch.randn_like(y)
+    return y.clamp(0, 1), theta
+
+
+def same_places(z: torch.Tensor, theta: torch.Tensor, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Feature maps ``z [B, k, h, w]`` of views, sampled at the centres of the original image's
+    ``grid x grid`` cells: ``[B, grid*grid, k]``, and ``[B, grid*grid]`` True where a centre lies
+    inside the view. Each view's affine map is inverted (it is diagonal: scale, flip, shift), so
+    row ``i`` of two views of one image is the same place of that image."""
+    c = (torch.arange(grid, device=z.device, dtype=z.dtype) * 2 + 1) / grid - 1
+    py, px = torch.meshgrid(c, c, indexing="ij")
+    p = torch.stack([px, py], -1).view(1, -1, 2)                        # (x, y), as grid_sample reads them
+    scale = torch.stack([theta[:, 0, 0], theta[:, 1, 1]], -1)[:, None]   # [B, 1, 2]
+    u = (p - theta[:, None, :, 2]) / scale                              # image -> view coordinates
+    inside = (u.abs() <= 1).all(-1)
+    out = F.grid_sample(z, u[:, :, None], mode="bilinear", padding_mode="border", align_corners=False)   # [B, k, grid*grid, 1]
+    return out[..., 0].transpose(1, 2), inside
+
+
+def vicreg(a: torch.Tensor, b: torch.Tensor, weights: tuple[float, float, float]) -> tuple[torch.Tensor, dict[str, float]]:
+    """VICReg (Bardes et al. 2022) between paired rows ``a, b [N, k]``: mean squared distance
+    (invariance) + hinge on each dimension's std below 1 (variance) + squared off-diagonal
+    covariances / k (covariance), each branch regularised on its own."""
+    a, b = a.float(), b.float()
+    inv = F.mse_loss(a, b)
+    var = cov = 0.0
+    for z in (a, b):
+        z = z - z.mean(0)
+        var = var + F.relu(1 - torch.sqrt(z.var(0) + 1e-4)).mean() / 2
+        c = (z.t() @ z) / max(1, len(z) - 1)
+        cov = cov + (c.pow(2).sum() - c.diagonal().pow(2).sum()) / z.shape[1]
+    w_inv, w_var, w_cov = weights
+    loss = w_inv * inv + w_var * var + w_cov * cov
+    return loss, {"invariance": inv.item(), "variance": float(var.detach()), "covariance": float(cov.detach())}
 
 
 def random_masks(n: int, tokens: int, prob: float, ratio: tuple[float, float], device: torch.device) -> torch.Tensor:
@@ -205,7 +251,7 @@ def distill(teacher: torch.Tensor, student: torch.Tensor, center: torch.Tensor, 
     return -(t * torch.log_softmax(student.float() / s_temp, -1)).sum(-1)
 
 
-OBJECTIVES = ("dino_ibot", "dino", "ibot", "contrastive", "supervised")
+OBJECTIVES = ("dino_ibot", "dino", "ibot", "contrastive", "vicreg_dense", "supervised")
 
 
 def info_nce(z: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -223,7 +269,7 @@ def contrastive_step(tr: Trainer, model: nn.Module, x: torch.Tensor, cfg: SSLCon
     """One SimCLR step: two augmented views of each image, InfoNCE on the projections of their
     mean-pooled tokenizer features (so the features K-Means clusters are the trained ones)."""
     model.train()
-    views = crops(x, 2, tr.modules["model"].encoder.cfg.image_size, cfg.global_scale, cfg.jitter)
+    views = crops(x, 2, tr.modules["model"].encoder.cfg.image_size, cfg.global_scale, cfg.jitter, cfg.noise)[0]
     with tr.autocast():
         z = model(views, None, None)
     loss = info_nce(z, cfg.temperature)
@@ -235,11 +281,33 @@ def contrastive_step(tr: Trainer, model: nn.Module, x: torch.Tensor, cfg: SSLCon
     tr.log(samples=n, loss=loss.item(), grad_norm=gnorm, view_match=acc)
 
 
+def vicreg_dense_step(tr: Trainer, model: nn.Module, x: torch.Tensor, cfg: SSLConfig) -> None:
+    """One VICReg step on two views, at two levels: the projected feature maps mean-pooled per
+    image, and the projected features at the same places of the image in both views (cells
+    outside either view dropped). The second term is what makes each *patch* feature, which
+    K-Means clusters, invariant to the crop, flip and jitter of its image."""
+    model.train()
+    e = tr.modules["model"].encoder.cfg
+    views, theta = crops(x, 2, e.image_size, cfg.global_scale, cfg.jitter, cfg.noise)
+    views = views.contiguous(memory_format=torch.channels_last)   # 1.25x faster CPU convolutions here
+    with tr.autocast():
+        z = model(views, None, None)
+    n = x.shape[0]
+    pooled, pm = vicreg(z[:n].mean((2, 3)), z[n:].mean((2, 3)), cfg.vicreg_weights)
+    cells, inside = same_places(z.float(), theta, e.grid)
+    both = inside[:n] & inside[n:]
+    dense, dm = vicreg(cells[:n][both], cells[n:][both], cfg.vicreg_weights)
+    loss = pooled + cfg.dense_weight * dense
+    gnorm = tr.step_optim(loss)
+    tr.log(samples=n, loss=loss.item(), grad_norm=gnorm, pooled=pooled.item(), dense=dense.item(),
+           dense_invariance=dm["invariance"], dense_variance=dm["variance"], shared_cells=both.float().mean().item())
+
+
 def supervised_step(tr: Trainer, model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: SSLConfig) -> None:
     """One step of the labelled fallback: cross-entropy on the mean-pooled tokenizer features of
     one augmented crop, so the features K-Means clusters are the ones the labels shaped."""
     model.train()
-    crop = crops(x, 1, tr.modules["model"].encoder.cfg.image_size, cfg.global_scale, cfg.jitter)
+    crop = crops(x, 1, tr.modules["model"].encoder.cfg.image_size, cfg.global_scale, cfg.jitter, cfg.noise)[0]
     y = y.to(x.device)
     with tr.autocast():
         logits = model(crop, None, None)
@@ -256,20 +324,29 @@ def main(argv: list[str] | None = None) -> None:
     tr = Trainer(cfg)
     data, mcfg = load_data(cfg, cfg.data, train=True)
     e = mcfg.encoder
-    if e.kind != "vit":
-        raise ValueError(f"ssl trains our small ViT (encoder.kind='vit'), not {e.kind!r}")
+    if e.kind not in ("vit", "cnn"):
+        raise ValueError(f"ssl trains our small encoders (encoder.kind='vit' or 'cnn'), not {e.kind!r}")
+    if e.kind == "cnn" and cfg.objective not in ("contrastive", "vicreg_dense", "supervised"):
+        raise ValueError(f"objective {cfg.objective!r} needs a ViT (class token, mask token); a CNN encoder "
+                         "trains with contrastive, vicreg_dense or supervised")
     if cfg.local_crops and cfg.local_size % e.patch_size:
         raise ValueError(f"local_size {cfg.local_size} is not a multiple of the patch size {e.patch_size}")
-    supervised, contrastive = cfg.objective == "supervised", cfg.objective == "contrastive"
+    supervised, contrastive = cfg.objective == "supervised", cfg.objective in ("contrastive", "vicreg_dense")
     if supervised and not mcfg.stage1.num_classes:
         raise ValueError("objective=supervised needs labelled data (class subfolders or fmnist)")
     encoder = Encoder(e)
-    if tr.device.type == "cpu":
+    if tr.device.type == "cpu" and e.kind == "vit":
         # timm's fused attention (SDPA) has a slow CPU backward at these sizes: the plain
         # softmax(QK^T)V path trains this ViT 1.6x faster in bf16 (238 vs 148 img/s, one core)
         for block in encoder.vit.blocks:
             block.attn.fused_attn = False
-    model = tr.add("model", SSLModel(encoder, cfg, mcfg.stage1.num_classes), ema=cfg.teacher_momentum)
+    # VICReg has no teacher; its encoder is the trained one itself (an EMA would also pair
+    # averaged weights with the BatchNorm statistics of the current ones)
+    ssl_model = SSLModel(encoder, cfg, mcfg.stage1.num_classes)
+    if e.kind == "cnn":
+        ssl_model = ssl_model.to(memory_format=torch.channels_last)
+    model = tr.add("model", ssl_model,
+                   ema=0.0 if cfg.objective == "vicreg_dense" else cfg.teacher_momentum)
     centers = tr.add("centers", Centers(cfg.out_dim), train=False)
     tr.info(f"ssl: encoder {sum(p.numel() for p in tr.modules['model'].encoder.parameters()) / 1e6:.2f}M parameters, "
             f"objective {cfg.objective}" + ("" if supervised or contrastive else f", 2 global + {cfg.local_crops} local crops"))
@@ -287,14 +364,16 @@ def main(argv: list[str] | None = None) -> None:
         if supervised or contrastive:
             if supervised:
                 supervised_step(tr, model, x, y, cfg)
+            elif cfg.objective == "vicreg_dense":
+                vicreg_dense_step(tr, model, x, cfg)
             else:
                 contrastive_step(tr, model, x, cfg)
             if cfg.probe_every and (step + 1) % cfg.probe_every == 0 and step + 1 < cfg.steps and tr.d.main:
                 with tr.untimed():
                     tr.record(step=step + 1, **probe(tr, probe_sets))
             continue
-        g = crops(x, 2, e.image_size, cfg.global_scale, cfg.jitter)
-        loc = crops(x, cfg.local_crops, cfg.local_size, cfg.local_scale, cfg.jitter) if cfg.local_crops and use_dino else None
+        g = crops(x, 2, e.image_size, cfg.global_scale, cfg.jitter, cfg.noise)[0]
+        loc = crops(x, cfg.local_crops, cfg.local_size, cfg.local_scale, cfg.jitter)[0] if cfg.local_crops and use_dino else None
         masks = random_masks(2 * B, e.grid ** 2, cfg.mask_prob, cfg.mask_ratio, x.device) if use_ibot else None
         teacher = tr.emas["model"].module
         model.train()
@@ -331,10 +410,12 @@ def main(argv: list[str] | None = None) -> None:
 
     if tr.d.main:
         tr.record(step=tr.step, **probe(tr, probe_sets))
-    source = (f"ViT trained here with the labels (objective=supervised, {tr.step} steps; not self-supervised)"
-              if supervised else f"ViT trained here self-supervised (objective={cfg.objective}, {tr.step} steps)")
+    arch = "CNN" if e.kind == "cnn" else "ViT"
+    e.objective, e.labels = cfg.objective, supervised
+    e.source = (f"{arch} trained here with the labels (objective=supervised, {tr.step} steps; not self-supervised)"
+                if supervised else f"{arch} trained here self-supervised (objective={cfg.objective}, {tr.step} steps, no labels)")
     tr.save_artifact("encoder", tr.eval_module("model").encoder.state_dict(),
-                     {"model": mcfg.to_dict(), "source": source})
+                     {"model": mcfg.to_dict(), "source": e.source, "objective": e.objective, "labels": e.labels})
     tr.finish()
 
 
