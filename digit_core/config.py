@@ -369,6 +369,15 @@ def tiny(num_classes: int = 3) -> DiGITConfig:
     )
 
 
+def tiny_cnn(num_classes: int = 3) -> DiGITConfig:
+    """``tiny`` with a CNN encoder (``kind="cnn"``), for tests of the self-supervised recipe."""
+    m = tiny(num_classes)
+    m.name = "tiny-cnn"
+    m.encoder = EncoderConfig(kind="cnn", image_size=16, model_size=16, in_chans=3, patch_size=4, width=32, depth=3,
+                              cnn_channels=(16, 32, 32), cnn_strides=(2, 2, 1), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    return m.validate()
+
+
 def fmnist_small() -> DiGITConfig:
     """The bundled Fashion-MNIST model: 32x32 grey images (28 padded), 8x8 token grids."""
     return our_layout(
@@ -487,7 +496,7 @@ def imagenet_large(class_conditional: bool = True) -> DiGITConfig:
     return _official("large", 1000 if class_conditional else 0)
 
 
-PRESETS = {"tiny": tiny, "fmnist": fmnist_small, "fmnist-conv": fmnist_conv, "fmnist-cnn": fmnist_cnn, "imagenet-base": imagenet_base, "imagenet-large": imagenet_large}
+PRESETS = {"tiny": tiny, "tiny-cnn": tiny_cnn, "fmnist": fmnist_small, "fmnist-conv": fmnist_conv, "fmnist-cnn": fmnist_cnn, "imagenet-base": imagenet_base, "imagenet-large": imagenet_large}
 
 
 def preset(name: str) -> DiGITConfig:
