@@ -140,3 +140,22 @@ def stability(flows: Flows, images: np.ndarray, snr_levels: tuple[float, ...] = 
     v = token_stability(flows.vq_encode, images, c, snr_levels, seed, batch)
     return {"snr_db": [float(s) for s in snr_levels], "disc_change": d["change"], "vq_change": v["change"],
             "disc_cos_sim": d["cos_sim"], "vq_cos_sim": v["cos_sim"], "num_images": len(images)}
+
+
+def bootstrap_ci(statistic: Callable[[np.ndarray], float], n: int, *, n_boot: int = 1000, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float, float]:
+    """``(estimate, low, high)``: ``statistic(indices)`` on all ``n`` items, and the percentile
+    bootstrap interval of it over ``n_boot`` resamples of the ``n`` indices with replacement.
+
+    ``statistic`` takes an index array so that paired data (samples and their labels, two
+    feature sets) are resampled together, e.g. ``lambda i: (pred[i] == label[i]).mean()``.
+    """
+    if n < 2:
+        raise ValueError(f"bootstrap needs at least 2 items, got {n}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    rng = np.random.default_rng(seed)
+    boots = np.array([statistic(rng.integers(0, n, n)) for _ in range(n_boot)])
+    alpha = (1 - level) / 2
+    low, high = np.quantile(boots, [alpha, 1 - alpha])
+    return float(statistic(np.arange(n))), float(low), float(high)

@@ -120,3 +120,17 @@ def test_stability_noises_the_one_channel_a_grey_model_sees() -> None:
     clean, noisy = flows.seen[0], flows.seen[1]
     assert clean.shape == (4, 32, 32, 1) and np.array_equal(clean[..., 0], imgs[..., 0])
     assert np.allclose(snr_db(clean / 255, noisy / 255), 10.0, atol=1.0)   # clipping aside; not 14.8 dB
+
+
+def test_bootstrap_interval_covers_a_known_mean_and_shrinks_with_n() -> None:
+    from digit_core.metrics import bootstrap_ci
+    rng = np.random.default_rng(1)
+    small, large = rng.random(100) < 0.7, rng.random(10000) < 0.7
+    est, lo, hi = bootstrap_ci(lambda i: small[i].mean(), len(small), n_boot=500)
+    assert lo < est < hi and lo < 0.7 < hi and 0.1 < hi - lo < 0.25   # ~ 4 * sqrt(0.21 / 100) = 0.18
+    e2, lo2, hi2 = bootstrap_ci(lambda i: large[i].mean(), len(large), n_boot=500)
+    assert hi2 - lo2 < (hi - lo) / 5 and lo2 < 0.7 < hi2
+    assert bootstrap_ci(lambda i: large[i].mean(), len(large), n_boot=200, seed=3) == \
+        bootstrap_ci(lambda i: large[i].mean(), len(large), n_boot=200, seed=3)   # seeded
+    with pytest.raises(ValueError, match="at least 2"):
+        bootstrap_ci(lambda i: 0.0, 1)
