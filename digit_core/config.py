@@ -436,7 +436,7 @@ def fairseq_layout(
     sampling: SamplingConfig | None = None,
     class_names: list[str] | None = None,
 ) -> DiGITConfig:
-    """A model with the official fairseq token layout (see shared/notes/official-digit.md).
+    """A model with the official fairseq token layout (see docs/official-release.md).
 
     Stage 1 ids: 5 specials, codes ``[5, 5+K)``, classes ``[K+5, K+5+C)``; ``</s>`` starts
     the sequence. Stage 2 ids: 5 specials, VQ codes ``[5, 5+V)``, then the stage-1 dictionary
@@ -466,7 +466,7 @@ def fairseq_layout(
 
 
 def _official(size: str, num_classes: int) -> DiGITConfig:
-    """The official DiGIT ImageNet models (fairseq layout; see shared/notes/official-digit.md)."""
+    """The official DiGIT ImageNet models (fairseq layout; see docs/official-release.md)."""
     base = size == "base"
     width, depth, heads = (768, 12, 12) if base else (1024, 24, 16)
     K = 8192 if base else 16000

@@ -1,6 +1,6 @@
 """Convert the official DiGIT ImageNet release to our model directory, without fairseq.
 
-Inputs (see shared/notes/official-digit.md): the fairseq stage-1 and stage-2 checkpoints, which
+Inputs (see docs/official-release.md): the fairseq stage-1 and stage-2 checkpoints, which
 also embed the frozen DINOv2-reg4 weights (``pretrained_encoder.*``), the K-Means centroids
 (``centroids`` [d, K] + ``centroid_norm`` [1, K]) and, in stage 2, MAGE's VQGAN (``vqgan.*``).
 Separate files (``km_8k.npy``, ``dinov2_vitb14_reg4_pretrain.pth``, ``vqgan_jax_strongaug.ckpt``)
