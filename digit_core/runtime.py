@@ -17,16 +17,20 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as _ortc
 
-from .config import DiGITConfig, GPTConfig
+from .config import ConfigError, DiGITConfig, GPTConfig
 from .flows import Flows, StepFn
+from .onnx_refs import external_data_locations
+from .typecheck import check_dataclass
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +66,11 @@ def cuda_available() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers() and gpu_present()
 
 
+_ORT_LOAD_ERRORS = (_ortc.Fail, _ortc.InvalidGraph, _ortc.InvalidProtobuf, _ortc.InvalidArgument, _ortc.NotImplemented)
+MAX_JSON_BYTES = 4 << 20    # manifest.json / config.json: ImageNet's 1,000 class names take ~40 KB
+SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -70,39 +79,104 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _inside(root: Path, name: Any, what: str) -> Path:
+    """``root / name`` for a manifest entry that stays in the bundle: relative, no ``..``, and
+    (symlinks resolved) under ``root``; raise BundleError naming the entry otherwise."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise BundleError(f"{root / 'manifest.json'}: {what} {name!r:.80} is not a file name")
+    rel = PurePosixPath(name)
+    if rel.is_absolute() or ".." in rel.parts or "\\" in name:
+        raise BundleError(f"{root / 'manifest.json'}: {what} {name!r:.80} leaves the bundle (absolute or '..')")
+    path = root / rel
+    real = path.resolve()
+    if not real.is_relative_to(root.resolve()):
+        raise BundleError(f"{root}: {name} resolves to {real}, outside the bundle (a symlink out of it)")
+    return real
+
+
+def _json(path: Path, raw: bytes) -> Any:
+    """Parse a bundle's JSON file, raising BundleError (naming it) for anything but clean UTF-8 JSON."""
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise BundleError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except json.JSONDecodeError as err:
+        raise BundleError(f"{path}: not valid JSON ({err})") from None
+    except RecursionError:
+        raise BundleError(f"{path}: nested too deeply to be a bundle file") from None
+
+
+def _read_small(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        raw = f.read(MAX_JSON_BYTES + 1)
+    if len(raw) > MAX_JSON_BYTES:
+        raise BundleError(f"{path}: larger than {MAX_JSON_BYTES >> 20} MiB; not a bundle file")
+    return raw
+
+
 def read_manifest(path: Path) -> dict[str, Any]:
-    """Parse and check ``manifest.json`` and every file it lists; raise BundleError naming the problem."""
+    """Parse and check ``manifest.json``: its schema, and that every file it lists stays in the
+    bundle and has the listed size. Raise BundleError naming the problem. The sha256 of each file
+    is checked by ``read_verified`` on the bytes that are then used."""
+    path = Path(path)
     mpath = path / "manifest.json"
     if not mpath.is_file():
         raise BundleError(f"{path}: not a bundle (no manifest.json)")
-    try:
-        man = json.loads(mpath.read_text())
-    except json.JSONDecodeError as err:
-        raise BundleError(f"{mpath}: not valid JSON ({err})") from None
+    _inside(path, "manifest.json", "manifest")
+    man = _json(mpath, _read_small(mpath))
     if not isinstance(man, dict) or man.get("format") != FORMAT:
-        raise BundleError(f"{mpath}: not a DiGIT bundle manifest (format {man.get('format') if isinstance(man, dict) else None!r})")
+        raise BundleError(f"{mpath}: not a DiGIT bundle manifest (format {man.get('format') if isinstance(man, dict) else None!r:.80})")
     if man.get("format_version") not in SUPPORTED_FORMAT_VERSIONS:
-        raise BundleError(f"{mpath}: format_version {man.get('format_version')!r} is not supported by this runtime "
+        raise BundleError(f"{mpath}: format_version {man.get('format_version')!r:.80} is not supported by this runtime "
                           f"(reads {list(SUPPORTED_FORMAT_VERSIONS)}); re-export the bundle or update digit_core")
-    if man.get("opset") not in SUPPORTED_OPSETS:
-        raise BundleError(f"{mpath}: opset {man.get('opset')!r} outside the supported {SUPPORTED_OPSETS.start}.."
+    if type(man.get("opset")) is not int or man["opset"] not in SUPPORTED_OPSETS:
+        raise BundleError(f"{mpath}: opset {man.get('opset')!r:.80} outside the supported {SUPPORTED_OPSETS.start}.."
                           f"{SUPPORTED_OPSETS.stop - 1}")
-    if not isinstance(man.get("ir_version"), int) or man["ir_version"] > MAX_IR_VERSION:
-        raise BundleError(f"{mpath}: ONNX IR version {man.get('ir_version')!r} is newer than onnxruntime reads "
+    if type(man.get("ir_version")) is not int or man["ir_version"] > MAX_IR_VERSION:
+        raise BundleError(f"{mpath}: ONNX IR version {man.get('ir_version')!r:.80} is newer than onnxruntime reads "
                           f"(<= {MAX_IR_VERSION})")
     files, graphs = man.get("files"), man.get("graphs")
     if not isinstance(files, dict) or not isinstance(graphs, dict):
         raise BundleError(f"{mpath}: no 'files'/'graphs' tables")
-    missing = [g for g in GRAPHS if graphs.get(g) not in files]
+    missing = [g for g in GRAPHS if not isinstance(graphs.get(g), str) or graphs[g] not in files]
     if missing or "config.json" not in files:
         raise BundleError(f"{mpath}: lists no file for {missing or ['config.json']}")
     for name, meta in files.items():
-        f = path / name
+        if not (isinstance(meta, dict) and type(meta.get("size")) is int and meta["size"] >= 0
+                and isinstance(meta.get("sha256"), str) and SHA256.fullmatch(meta["sha256"])):
+            raise BundleError(f"{mpath}: entry for {name!r:.80} needs an integer 'size' and a hex 'sha256'")
+        f = _inside(path, name, "file")
         if not f.is_file():
             raise BundleError(f"{path}: missing file {name}")
-        if f.stat().st_size != meta.get("size") or sha256(f) != meta.get("sha256"):
-            raise BundleError(f"{path}: file {name} is corrupt (its size or sha256 differs from manifest.json)")
+        if f.stat().st_size != meta["size"]:
+            raise BundleError(f"{path}: file {name} is corrupt (its size differs from manifest.json)")
     return man
+
+
+def read_verified(path: Path, man: dict[str, Any], name: str) -> bytes:
+    """The bytes of the listed file ``name``, read once and checked against the manifest: what is
+    hashed is what the caller gets (no gap between checking a file and opening it again)."""
+    meta = man["files"][name]
+    with open(_inside(Path(path), name, "file"), "rb") as f:
+        raw = f.read(meta["size"] + 1)
+    if len(raw) != meta["size"] or hashlib.sha256(raw).hexdigest() != meta["sha256"]:
+        raise BundleError(f"{path}: file {name} is corrupt (its size or sha256 differs from manifest.json)")
+    return raw
+
+
+def read_config(path: Path, man: dict[str, Any]) -> DiGITConfig:
+    """The bundle's verified ``config.json`` as a checked DiGITConfig, or BundleError naming it."""
+    cpath = Path(path) / "config.json"
+    raw = read_verified(path, man, "config.json")
+    if len(raw) > MAX_JSON_BYTES:
+        raise BundleError(f"{cpath}: larger than {MAX_JSON_BYTES >> 20} MiB; not a bundle file")
+    d = _json(cpath, raw)
+    try:
+        cfg = DiGITConfig.from_dict(d)
+        check_dataclass(cfg)
+        return cfg.validate()
+    except (ConfigError, TypeError) as err:
+        raise BundleError(f"{cpath}: {err}") from None
 
 
 def _providers(device: str) -> list[str]:
@@ -127,18 +201,9 @@ class Bundle(Flows):
     def __init__(self, path: str | Path, device: str = "auto", threads: int | None = None) -> None:
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
-        self.config = DiGITConfig.load(self.path / "config.json")
+        self.config = read_config(self.path, self.manifest)
         providers = _providers(device)
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads is not None:
-            opts.intra_op_num_threads = int(threads)
-        # Each of the five sessions owns a thread pool. Spinning between the ops of one run pays
-        # (turning it off cost decoding ~20%), but pools left spinning after a run steal the cores
-        # of the next session (VQ decoding ran 2x slower right after stage 2) and of other calls.
-        opts.add_session_config_entry("session.force_spinning_stop", "1")
-        self.sessions = {g: ort.InferenceSession(str(self.path / self.manifest["graphs"][g]), opts, providers=providers)
-                         for g in GRAPHS}
+        self.sessions = {g: self._session(g, threads, providers) for g in GRAPHS}
         self.provider = self.sessions["stage1"].get_providers()[0]
         if device == "cuda" and self.provider != "CUDAExecutionProvider":
             raise RuntimeError(f"device='cuda' but onnxruntime created the sessions on {self.provider}")
@@ -151,6 +216,36 @@ class Bundle(Flows):
         return list(self.config.class_names)
 
     # -- verification ---------------------------------------------------------------------------
+    def _session(self, graph: str, threads: int | None, providers: list[str]) -> ort.InferenceSession:
+        """A session built from the verified bytes of the graph and of the external-data files it
+        names (each must be listed in the manifest): onnxruntime opens no file itself."""
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads is not None:
+            opts.intra_op_num_threads = int(threads)
+        # Each of the five sessions owns a thread pool. Spinning between the ops of one run pays
+        # (turning it off cost decoding ~20%), but pools left spinning after a run steal the cores
+        # of the next session (VQ decoding ran 2x slower right after stage 2) and of other calls.
+        opts.add_session_config_entry("session.force_spinning_stop", "1")
+        name = self.manifest["graphs"][graph]
+        model = read_verified(self.path, self.manifest, name)
+        try:
+            refs = sorted(external_data_locations(model))
+        except ValueError as err:
+            raise BundleError(f"{self.path}: {name} is not an ONNX model ({err})") from None
+        if refs:
+            base = PurePosixPath(name).parent
+            listed = {r: str(base / r) for r in refs}
+            unlisted = [r for r, f in listed.items() if f not in self.manifest["files"]]
+            if unlisted:
+                raise BundleError(f"{self.path}: {name} stores tensors in {unlisted}, which manifest.json does not list")
+            data = [np.frombuffer(read_verified(self.path, self.manifest, f), np.uint8) for f in listed.values()]
+            opts.add_external_initializers_from_files_in_memory(refs, data, [len(d) for d in data])
+        try:
+            return ort.InferenceSession(model, opts, providers=providers)
+        except _ORT_LOAD_ERRORS as err:
+            raise BundleError(f"{self.path}: onnxruntime cannot load {name} ({err})") from None
+
     def _check_graphs(self) -> None:
         """Every graph's static input/output dims equal what the config says; raise naming the graph."""
         c = self.config
