@@ -1,44 +1,39 @@
-"""Self-supervised pre-training of the small ViT tokenizer encoder.
+"""Self-supervised pre-training of the small tokenizer encoders (a ViT or a CNN).
 
 Objectives (``--objective``):
 
-* ``dino_ibot`` (default, the paper's §4.5 choice): the tokenizer needs features that are
-  discriminative *per patch*, so two losses share one projection head (DINO's MLP +
+* ``vicreg_dense`` (the Fashion-MNIST default, on the CNN of preset ``fmnist-cnn``): VICReg
+  (invariance + variance + covariance, Bardes et al. 2022) between two augmented views, twice:
+  on the projected feature maps mean-pooled per image, and on the projected features *at the
+  same places of the image* in both views (``same_places``: each view's crop-and-flip map is
+  inverted to find where the original image's grid cells fell). The second term is what the
+  tokenizer needs, since K-Means clusters per-patch features, not images. No teacher, no EMA.
+* ``dino_ibot`` (the paper's §4.5 choice): two losses share one projection head (DINO's MLP +
   prototypes): DINO self-distillation on the class token across crops, and iBOT's masked-patch
   loss, where the student sees some patches of a global crop replaced by a mask token and
   predicts the teacher's prototype distribution there. The teacher is the EMA of the student
-  (momentum ``teacher_momentum`` -> 1, cosine). ``dino`` and ``ibot`` run one loss alone.
+  (momentum ``teacher_momentum`` -> 1, cosine). ``dino`` and ``ibot`` run one loss alone. ViT only.
 * ``contrastive``: SimCLR - two augmented views per image, InfoNCE on projections of the
-  mean-pooled tokenizer features, the rest of the batch as negatives. Global rather than
-  patch-level, but it is the objective that converges within a CPU budget (below).
-* ``supervised``: the labelled fallback - the same ViT trained with the labels (cross-entropy,
-  label smoothing 0.1, on the mean-pooled features of the tokenizer's feature block). It is not
-  self-supervised, and the encoder file says so (its ``source`` metadata reaches the model
-  config, the model card and the app).
+  mean-pooled tokenizer features, the rest of the batch as negatives.
+* ``supervised``: the labelled fallback - the same encoder trained with the labels
+  (cross-entropy, label smoothing 0.1, on the mean-pooled features of the tokenizer's feature
+  block). It is not self-supervised, and the encoder file says so (``objective`` and
+  ``labels`` reach the model config, the model card and the app).
 
 Augmentations for 32x32 images run batched on the device: random resized crops (global at full
 size, local ones smaller with interpolated position embeddings), flips, brightness/contrast
-jitter. A linear probe (logistic regression on mean-pooled patch features of the teacher/EMA,
-against raw pixels) is recorded every ``probe_every`` steps and at the end, so a run logs a
-learning curve in metrics.jsonl.
+jitter, optional Gaussian noise. No objective but ``supervised`` reads a label. A linear probe
+(logistic regression on mean-pooled patch features of the teacher/EMA or the encoder, against
+raw pixels) is recorded every ``probe_every`` steps and at the end, on ``val_data``: a learning
+curve in metrics.jsonl, for the record only (the encoder kept is the last step's, whatever the
+probe says). The curves of every attempt are in ``weights/fmnist*/…/metrics.jsonl`` and the
+READMEs there.
 
-Measured on Fashion-MNIST (probe: 10k training / 2k test images; raw pixels 0.799), one to two
-CPU cores:
+On CPU, the ViT swaps timm's fused attention for the plain one (a faster backward at these
+sizes) and the CNN trains in channels-last fp32 (bf16 convolutions are slower on this CPU).
 
-| encoder, objective | probe by step | time |
-|---|---|---|
-| linear-patchify ViT, dino_ibot, batch 128 | 0.650 / 0.662 / 0.687 / 0.710 / 0.707 at 0 / 400 / 800 / 1,200 / 1,250 | 41 min |
-| conv-stem ViT (``fmnist-conv``), contrastive, batch 256 | 0.733 / 0.744 / 0.763 / 0.803 / 0.815 / 0.819 / 0.825 at 0 / 250 / ... / 1,500 | 70 min on one core (7 probes, beside other jobs) |
-| linear-patchify ViT, supervised, batch 128 | 0.647 / 0.784 / 0.840 / 0.853 / 0.857 at 0 / 600 / ... / 2,400 | 30 min |
-
-What made the difference: the convolutional stem (``EncoderConfig.stem="conv"``; +8 points at
-initialisation alone, 0.733 vs 0.650) and an objective whose signal is there from the first
-step (InfoNCE's view matching) instead of DINO's centred, sharpened self-distillation, which
-needs many epochs to leave its near-uniform start. On CPU this stage also swaps timm's fused
-attention for the plain one: 1.6x faster training here.
-
-    python -m training.ssl --config training/fmnist.yaml [--steps=... --objective=dino_ibot|contrastive|supervised]
-    python -m training.ssl --config training/fmnist_ssl.yaml     # the conv-stem contrastive run above
+    python -m training.ssl --config training/fmnist.yaml      # CNN + vicreg_dense, the bundled encoder
+    python -m training.ssl --config training/fmnist_supervised.yaml     # the labelled ViT
 """
 from __future__ import annotations
 
