@@ -11,6 +11,15 @@ that float16 holds exactly as float16 behind a Cast (onnxruntime folds the Cast 
 compute stays float32 and as fast): the bundle is half the size and equals, to float32
 rounding, the PyTorch model with float16-rounded weights -- the check below holds it to that.
 
+``weights="int8"`` starts from the same float16-rounded model and quantizes the matrix
+products of the transformers (``onnxruntime.quantization.quantize_dynamic``): in the tokenizer's
+encoder blocks and in both stages, every MatMul/Gemm with a constant weight gets int8 weights,
+one scale per output channel, and multiplies uint8 activations quantized per tensor at run time
+(onnxruntime fuses this into DynamicQuantizeMatMul on CPU). The tokenizer's resize and
+nearest-centroid products stay float, since they decide which token wins; every other
+initializer is stored as float16. The bundle runs on any onnxruntime like the others, and the
+check holds it to the rounded PyTorch model within ``INT8_RTOL``.
+
 Each stage graph serves both prefill (S > 1) and decoding (S = 1): it traces ``GPT.step``, the
 functional twin of the in-place cached forward. Every graph is checked against PyTorch on
 fresh random inputs at another batch size than it was traced with (so the dynamic axes are
@@ -42,6 +51,11 @@ from .runtime import FORMAT, MAX_IR_VERSION, SUPPORTED_FORMAT_VERSIONS, sha256
 
 FORMAT_VERSION = SUPPORTED_FORMAT_VERSIONS[-1]
 RTOL = 1e-4           # max |ort - torch| / max |torch| tolerated at export
+# int8 weights + uint8 activations: ~1% of max |logit| on the test models; a wrong scale or
+# a saturating kernel gives tens of percent
+INT8_RTOL = 0.05
+WEIGHT_FORMATS = ("float32", "float16", "int8")
+INT8_GRAPHS = ("tokenizer", "stage1", "stage2")
 TRACE_BATCH, CHECK_BATCH = 2, 3
 
 
@@ -130,8 +144,36 @@ def store_half(proto: onnx.ModelProto, min_size: int = 1024) -> int:
     return saved
 
 
-def _export_graph(spec: dict[str, Any], path: Path, opset: int, half: bool = False) -> None:
-    """Trace one module to ``path``, with the IR version onnxruntime reads."""
+def quantize_int8(proto: onnx.ModelProto, scratch: Path) -> tuple[onnx.ModelProto, int]:
+    """``proto`` with int8 weights in the MatMul/Gemm nodes of its transformer blocks and head
+    (see the module docstring), through files in ``scratch``; returns it and the node count."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    consts = {i.name for i in proto.graph.initializer}
+    # torch's exporter names nodes by module path: /blocks.N/... and /head/...
+    nodes = [n.name for n in proto.graph.node if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1
+             and n.input[1] in consts and (n.name.startswith("/blocks.") or n.name.startswith("/head/"))]
+    if not nodes:
+        return proto, 0
+    src, dst = scratch / "float.onnx", scratch / "int8.onnx"
+    big = proto.ByteSize() > 1_800_000_000
+    onnx.save_model(proto, str(src), save_as_external_data=big, location="float.onnx.data" if big else None)
+    # reduce_range stays off: it costs a bit of weight precision and only helps AVX2 kernels
+    # without VNNI, whose u8 x s8 products can saturate
+    quantize_dynamic(src, dst, op_types_to_quantize=["MatMul", "Gemm"], nodes_to_quantize=nodes,
+                     per_channel=True, reduce_range=False, weight_type=QuantType.QInt8,
+                     use_external_data_format=big)
+    out = onnx.load(str(dst))
+    for f in scratch.glob("float.onnx*"):
+        f.unlink()
+    for f in scratch.glob("int8.onnx*"):
+        f.unlink()
+    return out, len(nodes)
+
+
+def _export_graph(spec: dict[str, Any], path: Path, opset: int, half: bool = False, int8: bool = False) -> int:
+    """Trace one module to ``path``, with the IR version onnxruntime reads; returns the number
+    of int8-quantized nodes."""
     example = spec["make"](TRACE_BATCH, torch.Generator().manual_seed(0))
     with torch.no_grad(), warnings.catch_warnings():
         outputs = spec["module"](*example)
@@ -151,6 +193,9 @@ def _export_graph(spec: dict[str, Any], path: Path, opset: int, half: bool = Fal
                 dim.dim_param = dynamic[axis]
             else:
                 dim.dim_value = tensor.shape[axis]
+    quantized = 0
+    if int8:
+        proto, quantized = quantize_int8(proto, path.parent)
     if half:
         store_half(proto)
     proto.ir_version = onnx.helper.find_min_ir_version_for(list(proto.opset_import))
@@ -163,6 +208,7 @@ def _export_graph(spec: dict[str, Any], path: Path, opset: int, half: bool = Fal
             f.unlink()
     big = sum(t.ByteSize() for t in proto.graph.initializer) > 1_800_000_000
     onnx.save_model(proto, str(path), save_as_external_data=big, location=path.name + ".data" if big else None)
+    return quantized
 
 
 def _rel_err(a: np.ndarray, b: np.ndarray) -> float:
@@ -170,8 +216,8 @@ def _rel_err(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
 
 
-def _check_nearest(name: str, ids: np.ndarray, ref_ids: np.ndarray, dists: np.ndarray) -> None:
-    """Ids must equal PyTorch's, except at near-ties where either choice is the nearest within RTOL.
+def _check_nearest(name: str, ids: np.ndarray, ref_ids: np.ndarray, dists: np.ndarray, rtol: float = RTOL) -> None:
+    """Ids must equal PyTorch's, except at near-ties where either choice is the nearest within ``rtol``.
     ``dists [..., K]``: PyTorch's squared distances to every code."""
     diff = ids != ref_ids
     if not diff.any():
@@ -179,12 +225,13 @@ def _check_nearest(name: str, ids: np.ndarray, ref_ids: np.ndarray, dists: np.nd
     d = dists.reshape(-1, dists.shape[-1])[diff.reshape(-1)]
     chosen = np.take_along_axis(d, ids.reshape(-1)[diff.reshape(-1), None], 1)[:, 0]
     best = d.min(1)
-    if (chosen - best > RTOL * np.maximum(np.abs(best), 1.0)).any():
+    if (chosen - best > rtol * np.maximum(np.abs(best), 1.0)).any():
         raise RuntimeError(f"{name}.onnx: {int(diff.sum())} token ids differ from PyTorch beyond near-ties")
 
 
-def _check_graph(name: str, spec: dict[str, Any], path: Path, model: DiGIT) -> None:
-    """Run the exported graph in onnxruntime on new random inputs; raise naming the graph on a mismatch."""
+def _check_graph(name: str, spec: dict[str, Any], path: Path, model: DiGIT, rtol: float = RTOL) -> None:
+    """Run the exported graph in onnxruntime on new random inputs; raise naming the graph on a
+    mismatch beyond ``rtol``."""
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -197,8 +244,8 @@ def _check_graph(name: str, spec: dict[str, Any], path: Path, model: DiGIT) -> N
         if a.shape != b.shape:
             raise RuntimeError(f"{name}.onnx: {what} has shape {a.shape}, PyTorch gives {b.shape}")
         err = _rel_err(a, b)
-        if not err <= RTOL:
-            raise RuntimeError(f"{name}.onnx: {what} differs from PyTorch by relative error {err:.2e} > {RTOL:g}")
+        if not err <= rtol:
+            raise RuntimeError(f"{name}.onnx: {what} differs from PyTorch by relative error {err:.2e} > {rtol:g}")
 
     with torch.no_grad():
         if name == "tokenizer":
@@ -207,7 +254,7 @@ def _check_graph(name: str, spec: dict[str, Any], path: Path, model: DiGIT) -> N
             close("distances", out[1], dists.numpy())
             f = feats.reshape(-1, feats.shape[-1])
             full = (f.pow(2).sum(1, keepdim=True) - 2 * f @ model.codebook.centroids.t() + model.codebook.centroid_sq)
-            _check_nearest(name, out[0], ids.numpy(), full.numpy())
+            _check_nearest(name, out[0], ids.numpy(), full.numpy(), rtol)
         elif name == "vq_encoder":
             ids, z = model.vq_encoder(inputs[0])
             close("latents", out[1], z.numpy())
@@ -238,15 +285,15 @@ def export_bundle(model: DiGIT, out_dir: str | Path, *, opset: int = 17, check: 
 
     Every graph has a dynamic batch axis (and the stage graphs a dynamic sequence axis).
     ``check`` runs each graph in onnxruntime against PyTorch and raises on a mismatch.
-    ``weights``: "float32", or "float16" storage (see the module docstring).
+    ``weights``: "float32", "float16" storage or "int8" (see the module docstring).
     """
-    if weights not in ("float32", "float16"):
-        raise ValueError(f"weights must be 'float32' or 'float16', got {weights!r}")
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError(f"weights must be one of {', '.join(map(repr, WEIGHT_FORMATS))}, got {weights!r}")
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     if model.device.type != "cpu" or model.stage1.head.weight.dtype != torch.float32:
         model = copy.deepcopy(model).cpu().float()   # graphs are float32; leave the caller's model be
-    if weights == "float16":
+    if weights != "float32":
         model = round_weights_to_half(model)
     was_training = model.training
     model.eval()
@@ -262,13 +309,17 @@ def _write_bundle(model: DiGIT, out: Path, opset: int, check: bool, weights: str
     os.chmod(tmp, 0o755)   # mkdtemp makes it private (0700); a bundle is meant to be shared and served
     try:
         graphs: dict[str, str] = {}
+        quantized: dict[str, int] = {}
         ir_version = 0
         for name, spec in _graph_specs(model).items():
             scratch = tmp / f".{name}"   # torch may write external tensors beside the graph
             scratch.mkdir()
-            _export_graph(spec, scratch / f"{name}.onnx", opset, half=weights == "float16")
+            int8 = weights == "int8" and name in INT8_GRAPHS
+            quantized[name] = _export_graph(spec, scratch / f"{name}.onnx", opset, half=weights != "float32", int8=int8)
+            if name.startswith("stage") and int8 and not quantized[name]:
+                raise RuntimeError(f"{name}.onnx: no MatMul found to quantize (did the exporter rename the nodes?)")
             if check:
-                _check_graph(name, spec, scratch / f"{name}.onnx", model)
+                _check_graph(name, spec, scratch / f"{name}.onnx", model, INT8_RTOL if quantized[name] else RTOL)
             ir_version = max(ir_version, onnx.load(str(scratch / f"{name}.onnx"), load_external_data=False).ir_version)
             for f in scratch.iterdir():
                 os.replace(f, tmp / f.name)
@@ -293,13 +344,15 @@ def _write_bundle(model: DiGIT, out: Path, opset: int, check: bool, weights: str
             "class_names": list(cfg.class_names),
             "sampling": cfg.to_dict()["sampling"],
             "opset": opset,
-            "weights": weights if weights == "float32" else "float16 storage, float32 compute",
+            "weights": WEIGHTS_LABEL[weights],
             "ir_version": ir_version,
             "producer": {"git_commit": git_commit(), "torch": torch.__version__, "onnx": onnx.__version__},
             "config": cfg.to_dict(),
             "graphs": graphs,
             "files": {f.name: {"sha256": sha256(f), "size": f.stat().st_size} for f in sorted(tmp.iterdir())},
         }
+        if weights == "int8":
+            manifest["quantization"] = _int8_record(quantized)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
         # Swap in: the old bundle moves aside first, so a crash leaves one complete bundle.
         old = out.with_name(f".{out.name}.old")
@@ -315,14 +368,27 @@ def _write_bundle(model: DiGIT, out: Path, opset: int, check: bool, weights: str
     return out
 
 
+WEIGHTS_LABEL = {"float32": "float32", "float16": "float16 storage, float32 compute",
+                 "int8": "int8 matrix products (dynamic quantization), float16 storage elsewhere"}
+
+
+def _int8_record(quantized: dict[str, int]) -> dict[str, Any]:
+    """What ``quantize_int8`` did, for the manifest."""
+    import onnxruntime as ort
+    return {"method": "onnxruntime.quantization.quantize_dynamic", "onnxruntime": ort.__version__,
+            "weights": "int8, symmetric, one scale per output channel", "activations": "uint8, per tensor, at run time",
+            "quantized_nodes": {g: n for g, n in quantized.items() if n}, "check_rtol": INT8_RTOL}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Export a saved DiGIT model (DiGIT.save directory) to an ONNX bundle.")
     p.add_argument("--model", required=True, help="model directory: config.json + model.safetensors")
     p.add_argument("--out", required=True, help="bundle directory to write, e.g. exported/fmnist")
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--no-check", action="store_true", help="skip the onnxruntime-vs-PyTorch check")
-    p.add_argument("--weights", choices=["float32", "float16"], default="float32",
-                   help="float16: round the weights and store them in half the bytes (compute stays float32)")
+    p.add_argument("--weights", choices=WEIGHT_FORMATS, default="float32",
+                   help="float16: round the weights and store them in half the bytes (compute stays float32); "
+                        "int8: also quantize the transformers' matrix products to int8 (CPU speed, a quarter of the bytes)")
     a = p.parse_args(argv)
     path = export_bundle(DiGIT.load(a.model), a.out, opset=a.opset, check=not a.no_check, weights=a.weights)
     print(f"wrote {path}")
