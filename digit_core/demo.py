@@ -18,11 +18,14 @@ from typing import Any
 
 import numpy as np
 
+from .flows import keep_rows_for  # noqa: F401  (the Complete tab's and the analyses' rows policy, from here too)
 from .images import load_image
 from .metrics import add_noise, as_seen, cosine_similarity, stability, token_change_rate
+from .sampling import check_number, check_seed
 
-EXPORTED = Path("exported")
-ASSETS = Path("assets")
+PROJECT = Path(__file__).resolve().parents[1]
+EXPORTED = PROJECT / "exported"     # from the project, not the working directory: `python /x/app.py` works anywhere
+ASSETS = PROJECT / "assets"
 DEFAULT_MODEL = EXPORTED / "fmnist"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 MAX_EXAMPLES = 32              # training.assets writes 3 test images per class: 30 for Fashion-MNIST
@@ -39,6 +42,13 @@ def missing_message(path: str | Path) -> str:
             "(writes exported/fmnist), or export a saved model with "
             "`python -m digit_core.export --model MODEL_DIR --out exported/NAME`; "
             "then run `python app.py --model exported/NAME`.")
+
+
+def shown(path: Path) -> str:
+    """A path as the app shows it: relative to the project, else only its last two parts (clients
+    are not told where the server keeps its files)."""
+    path = Path(path).resolve()
+    return str(path.relative_to(PROJECT)) if path.is_relative_to(PROJECT) else str(Path(*path.parts[-2:]))
 
 
 def list_bundles(root: str | Path = EXPORTED) -> list[str]:
@@ -71,7 +81,8 @@ class Model:
     def has_cfg(self) -> bool:
         return self.config.stage1.num_classes > 0 and self.config.stage1.null_class_id is not None
 
-    def _once(self, key: str, make: Callable[[], Any]) -> Any:
+    def once(self, key: str, make: Callable[[], Any]) -> Any:
+        """``make()``, computed once per model (for things equal for every user)."""
         with self._lock:
             if key not in self._cache:
                 self._cache[key] = make()
@@ -81,7 +92,7 @@ class Model:
     def examples(self) -> tuple[list[tuple[str, np.ndarray]], str]:
         """``[(name, uint8 image)]`` and where they came from: the bundle's or assets' example
         images, else samples of the model itself (seed 0), so every bundle has some."""
-        return self._once("examples", self._load_examples)
+        return self.once("examples", self._load_examples)
 
     def _example_files(self) -> tuple[list[Path], Path | None]:
         for folder in (self.path / "examples", ASSETS / "examples" / self.path.name, ASSETS / "examples"):
@@ -103,7 +114,7 @@ class Model:
         files, folder = self._example_files()
         if files:
             imgs = [load_image(p, self.config.image_size) for p in files]
-            return list(zip(self.example_names(), imgs)), f"{len(files)} example images from {folder}"
+            return list(zip(self.example_names(), imgs)), f"{len(files)} example images from {shown(folder)}"
         C, k = self.config.stage1.num_classes, GENERATED_EXAMPLES
         imgs = self.flows.sample(class_ids=[i % C for i in range(k)], seed=0) if C else self.flows.sample(n=k, seed=0)
         return (list(zip(self.example_names(), imgs)),
@@ -118,7 +129,7 @@ class Model:
     # -- clusters --------------------------------------------------------------------------------
     def cluster_sizes(self) -> tuple[np.ndarray, str]:
         """Patches per cluster ``[K]`` and a sentence saying where the counts come from."""
-        return self._once("sizes", self._cluster_sizes)
+        return self.once("sizes", self._cluster_sizes)
 
     def cluster_dir(self) -> Path | None:
         """This model's cluster folder (``sizes.json``, ``<k>.png``, as ``training.assets`` writes
@@ -139,7 +150,7 @@ class Model:
             sizes = np.asarray(d["sizes"], dtype=np.int64)
             if sizes.shape == (K,):
                 return sizes, (f"cluster sizes: patch counts over {d['images']:,} images of the {d['split']} "
-                               f"split ({d['fraction']:.0%} sample), from {f}")
+                               f"split ({d['fraction']:.0%} sample), from {shown(f)}")
         imgs = np.stack([img for _, img in self.examples()[0]])
         ids = self.flows.tokenize(imgs)[0]
         return (np.bincount(ids.ravel(), minlength=K),
@@ -160,7 +171,7 @@ class Model:
     # -- stability ---------------------------------------------------------------------------------
     def stability_curve(self) -> dict[str, list[float]]:
         """Change rates of both tokenizers (and feature cos-sim) at the paper's SNRs, over the examples."""
-        return self._once("curve", self._stability_curve)
+        return self.once("curve", self._stability_curve)
 
     def _stability_curve(self) -> dict[str, list[float] | int]:
         return stability(self.flows, np.stack([img for _, img in self.examples()[0]]), seed=0)
@@ -178,13 +189,32 @@ def stability_one(model: Model, image: np.ndarray, snr_db: float, seed: int) -> 
             "disc_cos_sim": cosine_similarity(feats[0], feats[1])}
 
 
-# -- sampling arguments --------------------------------------------------------------------------------
+# -- what a request asks for -------------------------------------------------------------------------
 RANDOM = "random"
 UNCONDITIONAL = "(unconditional)"
+NULL_CLASS = "(no class: null token)"
 
 
 def class_choices(model: Model) -> list[str]:
     return [RANDOM, *model.class_names] if model.config.stage1.num_classes else [UNCONDITIONAL]
+
+
+def completion_class_choices(model: Model) -> list[str]:
+    """What a completion can be conditioned on: the null class first (label-dropout models), then the classes."""
+    if not model.config.stage1.num_classes:
+        return [UNCONDITIONAL]
+    return ([NULL_CLASS] if model.has_cfg else []) + model.class_names
+
+
+def integer(name: str, value: Any, lo: int, hi: int) -> int:
+    """``value`` as an int in ``lo..hi`` (integral floats count, as JSON clients send them); a
+    ValueError naming ``name`` otherwise (NaN, inf, 2.5, strings, bools, out of range)."""
+    return int(check_number(name, value, lambda v: lo <= v <= hi, f"an integer in {lo}..{hi}", integer=True))
+
+
+def number(name: str, value: Any, lo: float, hi: float) -> float:
+    """``value`` as a finite float in ``[lo, hi]``; a ValueError naming ``name`` otherwise."""
+    return float(check_number(name, value, lambda v: lo <= v <= hi, f"a number in [{lo:g}, {hi:g}]"))
 
 
 def resolve_classes(model: Model, choice: str | None, n: int, seed: int) -> list[int] | None:
@@ -192,25 +222,71 @@ def resolve_classes(model: Model, choice: str | None, n: int, seed: int) -> list
     None for an unconditional model."""
     C = model.config.stage1.num_classes
     if C == 0:
+        if choice not in (None, "", RANDOM, UNCONDITIONAL):
+            raise ValueError(f"this model is unconditional: class must be {UNCONDITIONAL!r}, got {choice!r:.80}")
         return None
     if choice in (None, "", RANDOM):
-        return np.random.default_rng([int(seed), 7919]).integers(0, C, size=n).tolist()
+        return np.random.default_rng([check_seed(seed), 7919]).integers(0, C, size=n).tolist()
     names = model.class_names
     if choice not in names:
-        raise ValueError(f"unknown class {choice!r}; this model has: {', '.join(names)} (or '{RANDOM}')")
+        raise ValueError(f"unknown class {choice!r:.80}; this model has: {', '.join(names)} (or '{RANDOM}')")
     return [names.index(choice)] * n
 
 
-def keep_rows_for(percent: float, grid: int) -> int:
-    """Whole token rows nearest to ``percent`` of the grid, at least 1 and at most grid - 1."""
-    return int(min(grid - 1, max(1, round(float(percent) / 100.0 * grid))))
+def completion_class(model: Model, choice: str | None) -> int | None:
+    """The class a completion is conditioned on: a class id, or None (the null class / unconditional)."""
+    if choice in (None, "", NULL_CLASS, UNCONDITIONAL):
+        return None
+    if choice not in model.class_names:
+        raise ValueError(f"unknown class {choice!r:.80}; this model has: {', '.join(model.class_names)}"
+                         + (f" (or {NULL_CLASS!r})" if model.has_cfg else ""))
+    return model.class_names.index(choice)
 
 
-def timing_text(timings: dict[str, float], batch: int, n: int, m: int) -> str:
+def sampling_args(temperature: Any = None, top_k: Any = None, top_p: Any = None, cfg: Any = None) -> dict[str, Any]:
+    """The sampling keywords of a request, passed on as they came: None (omitted) takes the
+    bundle's default, an explicit value is used (top-k 0, top-p 1, CFG 1 = off), and the library
+    validates each, naming it. ``cfg`` None is left out (completions take no guidance keyword
+    from the user)."""
+    kw = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+    return kw | ({} if cfg is None else {"cfg": cfg})
+
+
+def choose_image(model: Model, upload: str | None, example: str | None) -> np.ndarray:
+    """The image a request is about: its upload or its example (the UI sends only the one the
+    user chose last); both or neither is an error."""
+    if upload and example:
+        raise ValueError("pass either an image or an example name, not both")
+    if upload:
+        return load_image(upload, model.config.image_size)
+    if example:
+        return model.example(example)
+    raise ValueError("Upload an image or pick an example first.")
+
+
+def timing_text(timings: dict[str, float], batch: int, n: int, m: int, kept: int = 0) -> str:
+    """Seconds and tokens/s per stage; ``kept`` stage-1 tokens per image were given, not generated,
+    so they are not counted in stage 1's rate."""
     t1, t2, t3 = timings.get("stage1", 0.0), timings.get("stage2", 0.0), timings.get("decode", 0.0)
-    return (f"stage 1: {t1:.2f} s ({batch * n * n / max(t1, 1e-9):,.0f} tokens/s) · "
+    return (f"stage 1: {t1:.2f} s ({batch * (n * n - kept) / max(t1, 1e-9):,.0f} tokens/s) · "
             f"stage 2: {t2:.2f} s ({batch * m * m / max(t2, 1e-9):,.0f} tokens/s) · "
             f"VQ decode: {t3:.3f} s · total {t1 + t2 + t3:.2f} s for {batch} image(s)")
+
+
+def pad_grid(codes: np.ndarray, n: int) -> np.ndarray:
+    """The first tokens of a stage-1 run ``[B, t]`` as float grids ``[B, n, n]``, NaN where not generated yet."""
+    grid = np.full((codes.shape[0], n * n), np.nan)
+    grid[:, : codes.shape[1]] = codes
+    return grid.reshape(-1, n, n)
+
+
+def cell_at(index: Any, grid: int, side: int) -> tuple[int, int]:
+    """The token cell ``(row, col)`` under a click at pixel ``index = [x, y]`` of a ``side``-pixel
+    square picture of a ``grid`` x ``grid`` token grid; a ValueError for anything outside it."""
+    if not isinstance(index, (list, tuple)) or len(index) < 2:
+        raise ValueError(f"a click position must be [x, y], got {index!r:.40}")
+    x, y = (integer(name, v, 0, side - 1) for name, v in zip(("x", "y"), index[:2]))
+    return y * grid // side, x * grid // side
 
 
 # -- streaming -----------------------------------------------------------------------------------------

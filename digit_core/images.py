@@ -19,6 +19,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 MAX_FILE_BYTES = 20 * 1024 * 1024      # the app's upload limit too
 MAX_PIXELS = 40_000_000                # larger images are refused, not decoded (decompression bombs)
+MAX_DECODED_BYTES = 160 * 2**20        # and so are images whose decoded pixels would take more memory
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS    # Pillow then refuses bombs at open() time, before decoding
@@ -37,7 +38,7 @@ def load_image(src: str | Path | bytes | Image.Image | np.ndarray, size: int) ->
         im = src
     else:
         im = decode(src)
-    return fit(to_rgb(im), size)
+    return fit(to_rgb(shrink_deep(im, size)), size)
 
 
 def decode(src: str | Path | bytes) -> Image.Image:
@@ -67,6 +68,10 @@ def decode(src: str | Path | bytes) -> Image.Image:
                 raise ImageError(f"{name} is a {im.format} image; upload one of {', '.join(FORMATS)}")
             if getattr(im, "is_animated", False):
                 im.seek(0)
+            need = decoded_bytes(im)
+            if need > MAX_DECODED_BYTES:   # counted before decoding: a 77 KB 16-bit PNG can hold 80 MB of pixels
+                raise ImageError(f"{name} is too large to decode safely: {im.width}x{im.height} {im.mode} pixels "
+                                 f"take {need / 2**20:.1f} MB (the limit is {MAX_DECODED_BYTES / 2**20:.0f} MB)")
             im.load()
             try:
                 im = ImageOps.exif_transpose(im)
@@ -85,11 +90,41 @@ def decode(src: str | Path | bytes) -> Image.Image:
     return im
 
 
+def decoded_bytes(im: Image.Image) -> int:
+    """Bytes Pillow holds for ``im``'s pixels once decoded (it stores RGB and 2-band modes in 4 bytes)."""
+    per_pixel = 1 if im.mode in ("1", "L", "P") else 2 if im.mode.startswith("I;16") else 4
+    return im.width * im.height * per_pixel
+
+
+def shrink_deep(im: Image.Image, size: int) -> Image.Image:
+    """32-bit integer and float images ("I", "F"): the centre square resized to ``size`` in their
+    own mode, so converting them to 8 bits works on ``size`` x ``size`` values, not on a float64
+    copy of every pixel. Other modes are returned as they are (``fit`` resizes them)."""
+    if im.mode not in ("I", "F"):
+        return im
+    w, h = im.size
+    s = min(w, h)
+    box = ((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)
+    return im.resize((size, size), Image.Resampling.LANCZOS if s > size else Image.Resampling.BICUBIC, box=box,
+                     reducing_gap=3.0 if s > 4 * size else None)
+
+
 def to_rgb(im: Image.Image) -> Image.Image:
-    """Any Pillow mode -> 8-bit RGB; transparency is composited over white."""
-    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):    # 16-bit / 32-bit greyscale
+    """Any Pillow mode -> 8-bit RGB; transparency is composited over white. Float images with
+    NaN or infinite values are refused."""
+    if im.mode.startswith("I;16"):     # 16-bit greyscale: to 8 bits in integers (no float copy)
+        a = np.asarray(im)
+        if a.max(initial=0) > 255:     # round(a * 255 / 65535) == round(a / 257)
+            q, r = np.divmod(a, 257)
+            a = q + (r >= 129)
+        im = Image.fromarray(a.astype(np.uint8), "L")
+    elif im.mode in ("I", "F"):        # 32-bit integer / float greyscale (shrink_deep makes them small first)
         a = np.asarray(im, dtype=np.float64)
-        hi = 1.0 if im.mode == "F" and a.max(initial=0) <= 1.0 else (255.0 if a.max(initial=0) <= 255 else 65535.0)
+        if not np.isfinite(a).all():
+            raise ImageError("the image has NaN or infinite pixel values (a float image with missing data); "
+                             "upload one with finite values")
+        top = a.max(initial=0)
+        hi = 1.0 if im.mode == "F" and top <= 1.0 else (255.0 if top <= 255 else 65535.0)
         im = Image.fromarray(np.clip(np.round(a / hi * 255.0), 0, 255).astype(np.uint8), "L")
     if im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")

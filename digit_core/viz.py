@@ -13,9 +13,16 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .metrics import PAPER_TABLE1, SNR_LEVELS_DB
 
-ID_SCALE = "Turbo"
 PROB_SCALE = "Viridis"
 _MARGIN = dict(l=10, r=10, t=40, b=10)
+# Token ids are categories, not magnitudes: each id gets one of these colours through a
+# golden-ratio spread (``category_value``), so neighbouring ids look different and equal ids alike.
+PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+           "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#e6550d", "#31a354",
+           "#756bb1", "#636363", "#9ecae1", "#fdae6b", "#a1d99b", "#bcbddc", "#fdd0a2", "#c7e9c0", "#f7b6d2",
+           "#c49c94", "#dbdb8d", "#9edae5", "#ad494a", "#e7ba52"]
+CATEGORY_SCALE = [[v, c] for i, c in enumerate(PALETTE)
+                  for v in (i / len(PALETTE), (i + 1) / len(PALETTE) - 1e-9 if i + 1 < len(PALETTE) else 1.0)]
 
 
 # -- images ----------------------------------------------------------------------------------------
@@ -44,6 +51,11 @@ def grid_overlay(img: np.ndarray, ids: np.ndarray | None, grid: int, target: int
                 draw.rectangle(box, fill=(0, 0, 0, 150))
                 draw.text((x, y), text, fill=(255, 255, 255, 255), font=font)
     return np.asarray(big)
+
+
+def overlay_side(image_size: int, target: int = 384) -> int:
+    """The side in pixels of ``grid_overlay``'s picture of a ``image_size`` image (what a click on it is relative to)."""
+    return image_size * max(1, int(np.ceil(target / image_size)))
 
 
 def mark_kept(img: np.ndarray, keep_rows: int, grid: int, dim: bool, target: int = 256) -> np.ndarray:
@@ -92,6 +104,12 @@ def tile(grids: np.ndarray, cols: int = 4) -> tuple[np.ndarray, np.ndarray]:
     return out, which
 
 
+def category_value(ids: np.ndarray) -> np.ndarray:
+    """Token ids -> values in [0, 1) for ``CATEGORY_SCALE``: one colour per id, spread so that
+    neighbouring ids differ (NaN stays NaN: cells not generated yet)."""
+    return np.mod(np.asarray(ids, dtype=np.float64) * 0.6180339887498949, 1.0)
+
+
 def _heatmap_layout(fig: go.Figure, title: str, height: int) -> go.Figure:
     fig.update_layout(title=dict(text=title, font=dict(size=14)), height=height, margin=_MARGIN,
                       plot_bgcolor="white", paper_bgcolor="white")
@@ -102,32 +120,39 @@ def _heatmap_layout(fig: go.Figure, title: str, height: int) -> go.Figure:
 
 
 def generation_figure(codes: np.ndarray, probs: np.ndarray | None, vocab: int, color_by: str = "id",
-                      title: str = "", height: int = 360, keep_rows: int | None = None) -> go.Figure:
-    """Stage-1 grids ``[B, n, n]`` of a batch, tiled; NaN cells (not generated yet) stay blank.
-    ``color_by`` "id" colours by token id, "probability" by the probability each token had;
-    ``keep_rows`` draws a line under the rows a completion kept."""
+                      title: str = "", height: int = 360, keep_rows: int | None = None,
+                      labels: Sequence[str] | None = None) -> go.Figure:
+    """Stage-1 grids ``[B, n, n]`` of a batch, tiled four to a row, each titled with its entry of
+    ``labels`` (e.g. sample number and class); NaN cells (not generated yet) stay blank.
+    ``color_by`` "id" colours each token id as a category, "probability" by the probability each
+    token had; ``keep_rows`` draws a line under the rows a completion kept."""
     ids, which = tile(codes.astype(np.float64))
     p = tile(probs.astype(np.float64))[0] if probs is not None else np.full(ids.shape, np.nan)
-    n = codes.shape[1]
+    B, n = codes.shape[0], codes.shape[1]
+    cols = min(4, B)
     rr, cc = np.indices(ids.shape)
     custom = np.stack([which + 1, rr % (n + 1), cc % (n + 1), np.nan_to_num(ids, nan=-1), np.nan_to_num(p, nan=-1)], -1)
     by_prob = color_by == "probability" and probs is not None
-    z = p if by_prob else ids
     fig = go.Figure(go.Heatmap(
-        z=z, customdata=custom, colorscale=PROB_SCALE if by_prob else ID_SCALE, hoverongaps=False,
-        zmin=0, zmax=1 if by_prob else vocab - 1, xgap=1, ygap=1,
-        colorbar=dict(title=dict(text="p" if by_prob else "token id"), thickness=12),
+        z=p if by_prob else category_value(ids), customdata=custom, colorscale=PROB_SCALE if by_prob else CATEGORY_SCALE,
+        hoverongaps=False, zmin=0, zmax=1, xgap=1, ygap=1, showscale=by_prob,
+        colorbar=dict(title=dict(text="p"), thickness=12),
         hovertemplate="sample %{customdata[0]} row %{customdata[1]} col %{customdata[2]}<br>"
                       "token %{customdata[3]}" + ("<br>p = %{customdata[4]:.3f}" if probs is not None else "")
-                      + "<extra></extra>"))
-    if keep_rows:
-        cols = min(4, codes.shape[0])
-        for b in range(codes.shape[0]):
-            r, c = divmod(b, cols)
+                      + f"<br>({vocab} token ids)<extra></extra>"))
+    for b in range(B):
+        r, c = divmod(b, cols)
+        if keep_rows:
             y = r * (n + 1) + keep_rows - 0.5
             fig.add_shape(type="line", x0=c * (n + 1) - 0.5, x1=c * (n + 1) + n - 0.5, y0=y, y1=y,
                           line=dict(color="black", width=4))
-    return _heatmap_layout(fig, title, height)
+        if labels is not None:
+            fig.add_annotation(x=c * (n + 1) + (n - 1) / 2, y=r * (n + 1) - 0.5, text=labels[b], showarrow=False,
+                               yanchor="bottom", font=dict(size=11))
+    fig = _heatmap_layout(fig, title, height)
+    if labels is not None:   # room for the labels above each row of grids
+        fig.update_yaxes(range=[ids.shape[0] - 0.5, -1.6], autorange=False)
+    return fig
 
 
 def token_figure(ids: np.ndarray, title: str, vocab: int, dists: np.ndarray | None = None,
@@ -139,16 +164,15 @@ def token_figure(ids: np.ndarray, title: str, vocab: int, dists: np.ndarray | No
     d = dists if dists is not None else np.full(ids.shape, np.nan)
     s = sizes[ids] if sizes is not None else np.full(ids.shape, np.nan)
     custom = np.stack([rr, cc, d, s], -1)
-    hover = "row %{customdata[0]} col %{customdata[1]}<br>token %{z}"
+    hover = "row %{customdata[0]} col %{customdata[1]}<br>token %{text}"
     if dists is not None:
         hover += "<br>distance² to centroid %{customdata[2]:.3f}"
     if sizes is not None:
         hover += "<br>cluster size %{customdata[3]:,.0f}"
     fig = go.Figure(go.Heatmap(
-        z=ids, customdata=custom, colorscale=ID_SCALE, zmin=0, zmax=vocab - 1, xgap=1, ygap=1,
-        text=ids if n <= 16 else None, texttemplate="%{text}" if n <= 16 else None,
-        textfont=dict(size=max(7, 16 - n // 2)), colorbar=dict(title=dict(text="token id"), thickness=12),
-        hovertemplate=hover + "<extra></extra>"))
+        z=category_value(ids), customdata=custom, colorscale=CATEGORY_SCALE, zmin=0, zmax=1, xgap=1, ygap=1,
+        text=ids if n <= 16 else None, texttemplate="%{text}" if n <= 16 else None, showscale=False,
+        textfont=dict(size=max(7, 16 - n // 2)), hovertemplate=hover + f"<br>({vocab} token ids)<extra></extra>"))
     return _heatmap_layout(fig, title, height)
 
 
@@ -173,10 +197,11 @@ def histogram_figure(ids: np.ndarray, vocab: int, title: str = "Tokens used", he
 
 
 def stability_figure(snrs: Sequence[float], vq: Sequence[float], disc: Sequence[float], height: int = 380,
-                     marker: float | None = None) -> go.Figure:
-    """Token change rate vs SNR for both tokenizers, with the paper's Table 1 beside them."""
-    x = [str(s) for s in snrs]
-    px = [str(s) for s in SNR_LEVELS_DB]
+                     current: tuple[float, float, float] | None = None) -> go.Figure:
+    """Token change rate vs SNR for both tokenizers, with the paper's Table 1 beside them;
+    ``current = (snr_db, vq_rate, disc_rate)`` marks one image's measurement on the curve."""
+    x = [str(float(s)) for s in snrs]       # category names; callers adding traces use str() of the same floats
+    px = [str(float(s)) for s in SNR_LEVELS_DB]
     fig = go.Figure()
     fig.add_scatter(x=x, y=list(vq), name="VQ tokens (this model)", mode="lines+markers", line=dict(color="#d62728"))
     fig.add_scatter(x=x, y=list(disc), name="Disc. tokens (this model)", mode="lines+markers", line=dict(color="#1f77b4"))
@@ -184,9 +209,17 @@ def stability_figure(snrs: Sequence[float], vq: Sequence[float], disc: Sequence[
                     mode="lines+markers", line=dict(color="#d62728", dash="dot"), marker=dict(symbol="x"))
     fig.add_scatter(x=px, y=list(PAPER_TABLE1["disc_change"]), name="Disc. tokens (paper, ImageNet)",
                     mode="lines+markers", line=dict(color="#1f77b4", dash="dot"), marker=dict(symbol="x"))
+    order = sorted({float(s) for s in [*snrs, *SNR_LEVELS_DB]}, reverse=True)
+    if current is not None:
+        snr, vq_now, disc_now = current
+        order = sorted({*order, float(snr)}, reverse=True)
+        for rate, name, color in ((vq_now, "VQ", "#d62728"), (disc_now, "Disc.", "#1f77b4")):
+            fig.add_scatter(x=[str(float(snr))], y=[rate], mode="markers", name=f"{name} tokens, this image",
+                            marker=dict(symbol="star", size=16, color=color, line=dict(color="black", width=1)))
     fig.update_layout(title=dict(text="Token change rate vs SNR (lower = more stable)", font=dict(size=14)),
                       height=height, margin=dict(l=10, r=10, t=40, b=10), yaxis=dict(range=[0, 1.02], title="change rate"),
-                      xaxis=dict(title="SNR (dB)", type="category"), legend=dict(orientation="h", y=-0.25),
-                      plot_bgcolor="white")
+                      xaxis=dict(title="SNR (dB)", type="category", categoryorder="array",
+                                 categoryarray=[str(s) for s in order]),
+                      legend=dict(orientation="h", y=-0.25), plot_bgcolor="white")
     fig.update_yaxes(gridcolor="#eee")
     return fig

@@ -1,6 +1,8 @@
 """The Gradio demo end to end: app.py in a subprocess on a tiny exported bundle, driven through
-gradio_client (every endpoint, a bad-upload battery, 20 concurrent clients) and a headless
-Chromium (every tab, one action each, a screenshot each).
+gradio_client (every endpoint, a bad-upload battery, 40 concurrent clients, a flooding client,
+Host/Origin checks, the expiring cache) and a headless Chromium (every tab, one action each, a
+screenshot each; the live grid from the first run in a fresh profile). The handlers themselves
+are tested without a server in test_studio.py.
 
 The browser part is marked ``browser``; ``pytest -m 'not browser'`` skips it.
 """
@@ -14,6 +16,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -52,14 +55,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(bundle: Path, tmp_path_factory: pytest.TempPathFactory):
-    """app.py on a free port; yields (url, startup seconds as the app measured them)."""
+def _start(bundle: Path, cache: Path, *flags: str, cwd: Path = ROOT):
+    """app.py on a free port, run from ``cwd``; returns (process, url, output lines)."""
     port = _free_port()
-    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", GRADIO_TEMP_DIR=str(tmp_path_factory.mktemp("gradio")),
-               PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "app.py", "--model", str(bundle), "--port", str(port), "--threads", "1"],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = dict(os.environ, GRADIO_TEMP_DIR=str(cache), PYTHONUNBUFFERED="1")
+    env.pop("GRADIO_ANALYTICS_ENABLED", None)        # the app turns analytics off itself
+    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--model", str(bundle), "--port", str(port),
+                             "--threads", "1", *flags],
+                            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     ready = threading.Event()
 
@@ -69,18 +72,40 @@ def server(bundle: Path, tmp_path_factory: pytest.TempPathFactory):
             if "ready on" in line:
                 ready.set()
     threading.Thread(target=drain, daemon=True).start()
+    if not ready.wait(240):
+        _stop(proc)
+        pytest.fail("app.py did not start in 240 s:\n" + "".join(lines))
+    return proc, f"http://127.0.0.1:{port}/", lines
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
     try:
-        if not ready.wait(90):
-            pytest.fail("app.py did not start in 90 s:\n" + "".join(lines))
-        startup = float(re.search(r"\(([\d.]+) s after start\)", "".join(lines)).group(1))
-        yield f"http://127.0.0.1:{port}/", startup
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(bundle: Path, tmp_path_factory: pytest.TempPathFactory):
+    """app.py on a free port, started from another directory; yields (url, its output lines)."""
+    proc, url, lines = _start(bundle, tmp_path_factory.mktemp("gradio"), cwd=tmp_path_factory.mktemp("elsewhere"))
+    try:
+        yield url, lines
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def strict(bundle: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A second app with one job at a time, 3 per client and a 3-second cache; yields (url, cache folder)."""
+    cache = tmp_path_factory.mktemp("strict-cache")
+    proc, url, _ = _start(bundle, cache, "--concurrency", "1", "--queue-per-client", "3", "--cache-ttl", "3")
+    try:
+        yield url, cache
+    finally:
+        _stop(proc)
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +125,7 @@ def _png(path: str) -> np.ndarray:
 def _sample(client: Client, bundle: Path, seed: int, cls: str = "class 1", n: int = 3, **kw):
     args = dict(class_name=cls, num_samples=n, temperature=1.0, top_k=0, top_p=1.0, cfg_scale=1.0, seed=seed,
                 color_by="id", model=str(bundle)) | kw
-    return client.predict(*args.values(), api_name="/sample")
+    return client.predict(**args, api_name="/sample")
 
 
 def _save(img: Image.Image, path: Path, **kw) -> Path:
@@ -115,7 +140,7 @@ def test_app_names_its_endpoints(server, client: Client) -> None:
 
 
 def test_app_imports_no_torch(bundle: Path) -> None:
-    code = ("import sys, app; app.build(app.Registry(sys.argv[1], 'cpu', 1)); "
+    code = ("import sys, app; from studio.common import Registry; app.build(Registry(sys.argv[1], 'cpu', 1)); "
             "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')); "
             "print('TORCH', bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code, str(bundle)], cwd=ROOT, capture_output=True, text=True, timeout=120,
@@ -125,13 +150,15 @@ def test_app_imports_no_torch(bundle: Path) -> None:
 
 def test_missing_model_gives_a_clear_message(tmp_path: Path) -> None:
     import app
+    from studio.common import Registry
     missing = tmp_path / "no-such-bundle"
     with pytest.raises(FileNotFoundError, match=re.escape(str(missing))) as err:
-        app.Registry(str(missing), "cpu", 1).get(None)
+        Registry(str(missing), "cpu", 1).get(None)
     assert "training/fmnist.sh" in str(err.value) and "digit_core.export" in str(err.value)
-    blocks = app.build(app.Registry(str(missing), "cpu", 1))          # the UI still comes up, saying so
+    blocks = app.build(Registry(str(missing), "cpu", 1))          # the UI still comes up, saying so
     texts = [getattr(b, "value", None) for b in blocks.blocks.values()]
-    assert any(isinstance(t, str) and str(missing) in t and "training/fmnist.sh" in t for t in texts)
+    assert any(isinstance(t, str) and "no-such-bundle" in t and "training/fmnist.sh" in t for t in texts)
+    assert not any(isinstance(t, str) and str(tmp_path) in t for t in texts)   # no server directories
 
 
 # -- endpoints ---------------------------------------------------------------------------------------
@@ -145,8 +172,13 @@ def test_sample_shapes_seeds_and_streaming(client: Client, bundle: Path, local) 
     # same seed, same images; and they are what the runtime gives for these arguments
     again = [_png(g["image"]) for g in _sample(client, bundle, seed=3)[1]]
     assert all(np.array_equal(a, b) for a, b in zip(imgs, again))
-    ref = local.generate([1, 1, 1], seed=3, temperature=1.0)
+    ref = local.generate([1, 1, 1], seed=3, temperature=1.0, top_k=0, top_p=1.0, cfg=1.0)
     assert np.array_equal(np.stack(imgs), ref.images) and data["disc_tokens"] == ref.disc_tokens.tolist()
+    assert data["settings"] == ref.settings.to_dict()
+    # settings left out take the bundle's defaults, as the library does for None
+    omitted = client.predict(class_name="class 1", num_samples=2, seed=3, model=str(bundle), api_name="/sample")[3]
+    lib = local.generate([1, 1], seed=3)
+    assert omitted["settings"] == lib.settings.to_dict() and omitted["disc_tokens"] == lib.disc_tokens.tolist()
     other = _sample(client, bundle, seed=4)[3]
     assert other["disc_tokens"] != data["disc_tokens"]
     # "random" draws the classes from the seed; the stream shows stage 1 before the result
@@ -180,7 +212,7 @@ def test_complete_keeps_the_top_rows(client: Client, bundle: Path, local, tmp_pa
     assert data["keep_rows"] == 2 and len(gallery) == 4 and "top 2 of 4 token rows" in info
     toks = np.asarray(data["disc_tokens"])
     assert toks.shape == (3, 4, 4) and (toks[:, :2] == local.tokenize(rgb[None])[0][:, :2]).all()
-    ref = local.complete_detailed(rgb, 2, 3, class_id=0, seed=7, temperature=1.0)
+    ref = local.complete_detailed(rgb, 2, 3, class_id=0, seed=7, temperature=1.0, top_k=0, top_p=1.0)
     assert np.array_equal(toks, ref.disc_tokens)
     # 12.5% of a 4-row grid rounds to the one-row minimum; 87.5% to the three-row maximum
     assert client.predict(handle_file(f), None, 12.5, 1, "(no class: null token)", 0, 1.0, 0, 1.0, False, str(bundle),
@@ -265,23 +297,124 @@ def test_odd_but_valid_uploads_work_through_the_api(client: Client, bundle: Path
 
 
 # -- many users at once ---------------------------------------------------------------------------------
-def test_twenty_concurrent_clients_each_get_their_own_result(server, bundle: Path) -> None:
+def test_forty_concurrent_clients_get_complete_files(server, bundle: Path) -> None:
+    """Identical and different requests mixed, three rounds: no request fails, every file is whole.
+    (Identical results once shared one cache file that was rewritten while it was being served.)"""
     url = server[0]
-    seeds = list(range(100, 120))
+    clients = [Client(url, verbose=False) for _ in range(40)]
+    seeds = [7 if i % 2 else 100 + i for i in range(40)]          # half the same request, half each its own
 
-    def one(seed: int):
-        _, gallery, _, data = _sample(Client(url, verbose=False), bundle, seed=seed, cls="random", n=2)
+    def one(i: int):
+        _, gallery, _, data = _sample(clients[i], bundle, seed=seeds[i], cls="random", n=2)
         return data, [_png(g["image"]) for g in gallery]
 
-    with cf.ThreadPoolExecutor(20) as pool:
-        together = list(pool.map(one, seeds))
-    alone_client = Client(url, verbose=False)
-    for seed, (data, imgs) in zip(seeds, together):
-        _, gallery, _, alone = _sample(alone_client, bundle, seed=seed, cls="random", n=2)
-        assert data["seed"] == seed and data["disc_tokens"] == alone["disc_tokens"], seed
-        assert data["vq_tokens"] == alone["vq_tokens"] and data["class_ids"] == alone["class_ids"]
-        assert all(np.array_equal(a, _png(g["image"])) for a, g in zip(imgs, gallery))
-    assert len({str(d["disc_tokens"]) for d, _ in together}) == len(seeds)   # nobody got someone else's result
+    results = []
+    for _ in range(3):
+        with cf.ThreadPoolExecutor(40) as pool:
+            results.append(list(pool.map(one, range(40))))
+    alone = Client(url, verbose=False)
+    expect = {seed: _sample(alone, bundle, seed=seed, cls="random", n=2)[3] for seed in set(seeds)}
+    for round_ in results:
+        for seed, (data, imgs) in zip(seeds, round_):
+            assert len(imgs) == 2 and all(i.shape == (16, 16, 3) for i in imgs)
+            assert data["seed"] == seed and data["disc_tokens"] == expect[seed]["disc_tokens"], seed
+    same = [imgs for seed, (_, imgs) in zip(seeds, results[0]) if seed == 7]
+    assert all(np.array_equal(a, b) for imgs in same for a, b in zip(imgs, same[0]))
+
+
+def test_one_client_cannot_fill_the_queue(strict, bundle: Path) -> None:
+    """A client that sends 30 jobs at once has at most 3 queued or running; the rest are refused
+    in our words. Another client's job, sent while the flood is queued, then waits behind at most
+    those 3 (one job runs at a time here), not behind all 30."""
+    url, _ = strict
+    flood, normal = Client(url, verbose=False), Client(url, verbose=False)
+    jobs = [flood.submit("class 0", 16, 1.0, 0, 1.0, 1.0, i, "id", str(bundle), api_name="/sample")
+            for i in range(30)]
+    time.sleep(1.0)                                   # the flood's joins land first
+    done_before = [j.done() for j in jobs]
+    assert normal.predict("class 1", 3, 1.0, 0, 1.0, 1.0, 1, "id", str(bundle), api_name="/sample")[3]["seed"] == 1
+    done_after = [j.done() for j in jobs]
+    served, refused = [], []
+    for j in jobs:
+        try:
+            j.result(timeout=300)
+            served.append(True)
+        except Exception as err:   # noqa: BLE001 - the refusal is the point
+            served.append(False)
+            refused.append(str(err))
+    ahead = sum(1 for ok, a, b in zip(served, done_before, done_after) if ok and b and not a)
+    assert ahead <= 3, f"{ahead} flood jobs ran before the normal client's"
+    assert len(refused) >= 20 and sum(served) >= 3
+    assert all("you have 3 queued or running (the limit is 3)" in r for r in refused), refused[:2]
+
+
+def test_the_file_cache_stays_bounded(strict, bundle: Path) -> None:
+    """Every request leaves files (uploads, outputs); with a 3-second cache they are gone a few
+    seconds after the last request, however many there were."""
+    url, cache = strict
+    c = Client(url, verbose=False)
+    for seed in range(12):
+        assert len(_sample(c, bundle, seed=seed, n=4)[1]) == 4
+
+    def files() -> list[Path]:
+        return [f for f in cache.rglob("*") if f.is_file()]
+
+    assert len(files()) >= 12                        # the outputs are there while fresh
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and len(files()) > 40:
+        time.sleep(0.5)
+    time.sleep(6)                                    # > ttl + sweep interval after the last request
+    left = files()
+    assert len(left) <= 40, f"{len(left)} files left"   # only the page's own files (thumbnails, initial views)
+    dirs = [d for d in cache.rglob("*") if d.is_dir()]
+    assert len(dirs) <= len(left) + 2                # and no empty folders pile up
+
+
+# -- what a hostile page or client can do ---------------------------------------------------------------------
+def test_only_local_hosts_and_same_origin_uploads(server) -> None:
+    import httpx
+    url = server[0]
+    assert httpx.get(url, timeout=30).status_code == 200
+    assert httpx.get(url, headers={"Host": "attacker.example"}, timeout=30).status_code == 403      # DNS rebinding
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, "PNG")
+    up = url + "gradio_api/upload"
+    files = {"files": ("x.png", png.getvalue(), "image/png")}
+    assert httpx.post(up, files=files, headers={"Origin": "https://attacker.example"}, timeout=30).status_code == 403
+    assert httpx.post(up, files=files, headers={"Origin": url.rstrip("/")}, timeout=30).status_code == 200
+
+
+def test_clients_see_our_messages_not_server_paths(client: Client, bundle: Path, server) -> None:
+    config = bundle / "config.json"                  # a server file named as an "upload"
+    with pytest.raises(Exception) as err:
+        client.predict({"path": str(config), "meta": {"_type": "gradio.FileData"}}, None, str(bundle),
+                       api_name="/tokenize")
+    assert str(bundle) not in str(err.value) and str(config) not in str(err.value)
+    with pytest.raises(Exception, match=r"num_samples must be an integer in 1\.\.16"):
+        _sample(client, bundle, seed=0, n=float("nan"))
+    with pytest.raises(Exception, match=r"seed must be an integer in \[0, 2\*\*63\)"):
+        _sample(client, bundle, seed=2 ** 64)
+    with pytest.raises(Exception, match=r"cfg"):
+        _sample(client, bundle, seed=0, cfg_scale=float("nan"))
+
+
+# -- the README's client example, as written -------------------------------------------------------------
+def test_readme_client_example_runs(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's gradio_client snippet, against the app on the bundled model (only the port differs)."""
+    bundled = ROOT / "exported" / "fmnist"
+    if not (bundled / "manifest.json").is_file():
+        pytest.skip("no bundled model in exported/fmnist")
+    text = (ROOT / "README.md").read_text()
+    snippet = text.split("with the app running on the bundled model:")[1].split("```python")[1].split("```")[0]
+    proc, url, _ = _start(Path("exported/fmnist"), tmp_path_factory.mktemp("readme-cache"))
+    try:
+        monkeypatch.chdir(ROOT)
+        scope: dict = {}
+        exec(compile(snippet.replace("http://127.0.0.1:7860/", url), "README.md", "exec"), scope)   # noqa: S102
+        assert len(scope["gallery"]) == 4 and np.asarray(scope["tokens"]["disc_tokens"]).ndim == 2
+        assert 0 <= scope["numbers"]["disc_change_rate"] <= 1 and set(scope["data"]["settings"]) >= {"top_k", "cfg"}
+    finally:
+        _stop(proc)
 
 
 # -- the page in a browser ------------------------------------------------------------------------------
@@ -303,6 +436,13 @@ def test_every_tab_renders_in_a_browser(server, tmp_path: Path) -> None:
         b.wait("document.querySelectorAll('button[role=tab]').length >= 5", 60, "the tabs")
         assert b.js("[...document.querySelectorAll('button[role=tab]')].map(t => t.textContent.trim())") == [t for t, *_ in TABS]
         assert "DiGIT Studio" in b.js("document.body.innerText") and "tiny" in b.js("document.body.innerText")
+        # a fresh profile: the grid is drawn on load, so the first run streams into a ready plot
+        b.wait(f"{VISIBLE.format(sel='#generate-plot .main-svg')}.length", 60, "the empty grid on load")
+        b.js("""(() => { window.__seen = []; const t = document.getElementById('generate-timing');
+            new MutationObserver(() => window.__seen.push([t.innerText,
+                [...document.querySelectorAll('#generate-plot .main-svg')].some(e => e.offsetParent !== null)]))
+              .observe(t, {subtree: true, childList: true, characterData: true}); })()""")
+        first = True
         for tab, button, plots in TABS:
             b.js(f"[...document.querySelectorAll('button[role=tab]')].find(t => t.textContent.trim() === {tab!r}).click()")
             b.wait(f"document.querySelector('button[role=tab].selected')?.textContent.trim() === {tab!r}", 10, tab)
@@ -311,11 +451,18 @@ def test_every_tab_renders_in_a_browser(server, tmp_path: Path) -> None:
                 b.wait(f"{VISIBLE.format(sel='.js-plotly-plot')}.length >= {plots} && "
                        f"{VISIBLE.format(sel='.js-plotly-plot .main-svg')}.length >= {plots}", 60, f"{tab}'s plots")
                 b.wait("!document.querySelector('.progress-text, .eta-bar')", 30, f"{tab} to finish")
+            if tab == "Generate" and first:
+                seen = b.wait("window.__seen.some(([t]) => t.includes('tokens/s')) && window.__seen", 60, "the run")
+                before = [ok for text, ok in seen if "tokens/s" not in text and "stage 1" in text]
+                assert before and all(before), seen     # the grid was on screen before the last token
+                first = False
             assert not b.js("[...document.querySelectorAll('.toast-body')].map(t => t.innerText).join(' ')"), tab
             if tab in ("Generate", "Complete"):
-                n = b.wait(f"{VISIBLE.format(sel='.gallery-container img, [data-testid=gallery] img, .grid-wrap img')}.length",
-                           30, f"{tab}'s gallery")
+                sel = f"#{tab.lower()}-gallery img"
+                n = b.wait(f"{VISIBLE.format(sel=sel)}.length", 30, f"{tab}'s gallery")
                 assert n >= 4, f"{tab}: {n} gallery images"
+            if tab in ("Tokenize", "Complete", "Stability"):      # the examples as thumbnails
+                assert b.js(f"{VISIBLE.format(sel='.thumbnails img, .grid-wrap img')}.length") >= 3, tab
             if tab == "About":
                 text = b.js("document.body.innerText")
                 assert "arXiv:2410.12490" in text and "python -m digit_core.export" in text

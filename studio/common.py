@@ -1,0 +1,250 @@
+"""What the tabs share: the bundle registry, turning errors into client messages, the image
+input (upload or example thumbnails, the last choice wins) and writing output images."""
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import re
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+from PIL import Image
+
+from digit_core import demo
+from digit_core.images import ImageError
+from digit_core.runtime import BundleError, load_bundle
+
+log = logging.getLogger("studio")
+
+CSS = """
+.pixelated img, .pixelated canvas { image-rendering: pixelated; }
+#banner { border-left: 4px solid #d62728; padding-left: 10px; }
+.howto { color: #555; font-size: 0.92em; }
+"""
+PAPER = "[arXiv:2410.12490](https://arxiv.org/abs/2410.12490)"
+
+
+class Registry:
+    """Opened bundles by name, shared by every user (read-only models; no per-request state).
+
+    A name is ``exported/<folder>`` for every bundle in the project's ``exported/``, plus the
+    ``--model`` path as the operator gave it; clients may open only these names."""
+
+    def __init__(self, default: str, device: str, threads: int | None) -> None:
+        self.default, self.device, self.threads = str(default), device, threads
+        self._models: dict[str, demo.Model] = {}
+        self._lock = threading.Lock()
+
+    def paths(self) -> dict[str, Path]:
+        found = {f"exported/{Path(p).name}": Path(p) for p in demo.list_bundles()}
+        default = Path(self.default)
+        if not default.is_absolute() and not default.exists():   # "exported/NAME": from the project
+            default = demo.PROJECT / default
+        same = [k for k, p in found.items() if p.resolve() == default.resolve()]
+        return found | ({} if same else {self.default: default})
+
+    def choices(self) -> list[str]:
+        return sorted(self.paths())
+
+    def key(self, name: str | None) -> str:
+        """The registry name of ``name`` (None: the default model)."""
+        paths = self.paths()
+        name = str(name or self.default)
+        if name in paths:
+            return name
+        for k, p in paths.items():   # a listed bundle named another way (absolute, ./...)
+            if Path(name).resolve() == p.resolve():
+                return k
+        raise ValueError(f"unknown model {name!r:.80}; choose one of {sorted(paths)}")
+
+    def get(self, name: str | None) -> demo.Model:
+        key = self.key(name)
+        with self._lock:
+            if key not in self._models:
+                path = self.paths()[key]
+                if not (path / "manifest.json").is_file():
+                    raise demo.ModelMissing(demo.missing_message(key))
+                self._models[key] = demo.Model(path, load_bundle(path, device=self.device, threads=self.threads))
+            return self._models[key]
+
+    def try_get(self, name: str | None) -> tuple[demo.Model | None, str | None]:
+        """The model, or None and why not (shown as the "no model loaded" banner)."""
+        try:
+            return self.get(name), None
+        except (demo.ModelMissing, BundleError, ValueError) as err:
+            log.warning("model %s not loaded: %s", name, err)
+            return None, client_text(err)
+
+
+_REGISTRY: Registry | None = None
+
+
+def use(registry: Registry) -> None:
+    """Make ``registry`` the one the handlers read (one app per process)."""
+    global _REGISTRY
+    _REGISTRY = registry
+
+
+def model(name: str | None) -> demo.Model:
+    if _REGISTRY is None:
+        raise RuntimeError("studio.common.use(registry) was not called")
+    return _REGISTRY.get(name)
+
+
+def registry() -> Registry:
+    if _REGISTRY is None:
+        raise RuntimeError("studio.common.use(registry) was not called")
+    return _REGISTRY
+
+
+# -- errors: our own words to clients, the details to the server log -----------------------------------
+USER_ERRORS = (ValueError, ImageError, BundleError, demo.ModelMissing)
+_DIRS = re.compile(r"(?<![\w.~])(?:[A-Za-z]:)?[/\\](?:[^\s/\\:'\"]+[/\\])+")
+
+
+def client_text(err: BaseException) -> str:
+    """An error a user caused, for the client: its message without server directories
+    (``/srv/x/exported/fmnist/config.json`` -> ``config.json``)."""
+    return _DIRS.sub("", str(err))[:600]
+
+
+def _to_client(err: BaseException, fn: str) -> gr.Error:
+    if isinstance(err, gr.Error):
+        return err
+    if isinstance(err, USER_ERRORS):
+        log.info("%s refused: %s", fn, err)
+        return gr.Error(client_text(err), print_exception=False)
+    ref = uuid.uuid4().hex[:8]
+    log.exception("%s failed (ref %s)", fn, ref)
+    return gr.Error(f"Internal error (ref {ref}); the details are in the server log.", print_exception=False)
+
+
+def handled(fn: Callable) -> Callable:
+    """Handlers raise gr.Error only: user errors with our message, anything else as an internal
+    error whose traceback goes to the log (clients never see raw exception texts or paths)."""
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def gen(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except Exception as err:   # noqa: BLE001 - every error becomes a client message
+                raise _to_client(err, fn.__qualname__) from None
+        return gen
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:   # noqa: BLE001
+            raise _to_client(err, fn.__qualname__) from None
+    return call
+
+
+# -- output images ---------------------------------------------------------------------------------------
+def png(img: np.ndarray) -> str:
+    """Write a uint8 image as a PNG file of its own and return its path.
+
+    Gradio would cache a returned array under a name derived from its bytes and rewrite that
+    file in place; two requests returning the same image then raced, and one client got a
+    file shorter than its Content-Length. A fresh name per output never shares a file."""
+    folder = Path(gr.utils.get_upload_folder()) / f"out-{uuid.uuid4().hex}"
+    folder.mkdir(parents=True)
+    path = folder / "image.png"
+    Image.fromarray(np.ascontiguousarray(img)).save(path, format="PNG", compress_level=1)
+    return str(path)
+
+
+def gallery(items: list[tuple[np.ndarray, str]]) -> list[tuple[str, str]]:
+    return [(png(img), caption) for img, caption in items]
+
+
+# -- the image a tab works on ------------------------------------------------------------------------
+@dataclass
+class ImageInput:
+    """An upload box, the examples as thumbnails and the chosen example's name (the API input).
+    Whatever the user chose last is the one that counts: an upload clears the example, picking an
+    example clears the upload."""
+
+    file: gr.File
+    thumbs: gr.Gallery
+    example: gr.Dropdown
+    send: gr.Button
+
+    @property
+    def inputs(self) -> list:
+        return [self.file, self.example]
+
+    @property
+    def components(self) -> list:
+        return [self.file, self.thumbs, self.example]
+
+    def on_model(self, m: demo.Model | None) -> dict:
+        names = m.example_names() if m else []
+        return {self.file: None, self.example: gr.update(choices=names, value=names[0] if names else None),
+                self.thumbs: thumbnails(m)}
+
+    def wire(self, model_dd: gr.Dropdown, action: Callable | None = None, outputs: list | None = None,
+             inputs: list | None = None) -> None:
+        """Keep one choice (the last); then run ``action`` on ``inputs`` (default: the image and
+        the model), if given."""
+        for event, fn, given, cleared in ((self.file.upload, chose_upload, None, self.example),
+                                          (self.thumbs.select, chose_thumbnail, model_dd, [self.example, self.file]),
+                                          (self.example.input, chose_example, None, self.file)):
+            chosen = event(fn, given, cleared, api_visibility="private")
+            if action is not None:
+                chosen.then(action, inputs or [*self.inputs, model_dd], outputs, api_visibility="private")
+
+
+def image_input(m: demo.Model | None) -> ImageInput:
+    names = m.example_names() if m else []
+    file = gr.File(label="Upload an image", file_types=["image"], height=100)
+    thumbs = gr.Gallery(thumbnails(m), label="…or pick an example", columns=6, height=190, allow_preview=False,
+                        object_fit="contain", elem_classes="pixelated", buttons=[])
+    example = gr.Dropdown(names, value=names[0] if names else None, label="Example")
+    send = gr.Button("Use this image in the other tabs", size="sm")
+    return ImageInput(file, thumbs, example, send)
+
+
+def link(pickers: list[ImageInput]) -> None:
+    """Each picker's "use this image in the other tabs" button copies its choice (the upload or
+    the example, whichever counts) to every other picker."""
+    for src in pickers:
+        others = [c for p in pickers if p is not src for c in p.inputs]
+        src.send.click(functools.partial(copies, len(others) // 2), src.inputs, others, api_visibility="private")
+
+
+def copies(n: int, upload: str | None, example: str | None) -> tuple:
+    """The pair ``(upload, example)``, ``n`` times over."""
+    return (upload, example) * n
+
+
+def thumbnails(m: demo.Model | None) -> list[tuple[str, str]]:
+    return gallery([(img, name) for name, img in m.examples()[0]]) if m else []
+
+
+def chose_upload() -> None:
+    return None          # the example is cleared: the upload counts now
+
+
+def chose_example() -> None:
+    return None          # the upload is cleared
+
+
+@handled
+def chose_thumbnail(model_name: str, evt: gr.SelectData) -> tuple[str, None]:
+    """A thumbnail click -> that example's name, and no upload. The index comes from the client,
+    so it is checked like any other input."""
+    names = model(model_name).example_names()
+    i = demo.integer("example index", evt.index if not isinstance(evt.index, list) else evt.index[0], 0, len(names) - 1)
+    return names[i], None
+
+
+def howto(text: str) -> gr.Markdown:
+    """The one line under a tab's title that says how to read it."""
+    return gr.Markdown(f"**How to read this:** {text}", elem_classes="howto")

@@ -1,0 +1,128 @@
+"""The Complete tab: keep the top rows of an image's tokens, let stage 1 continue them."""
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import gradio as gr
+
+from digit_core import demo, viz
+
+from . import common, generate
+
+TITLE = "Stage 1 continues the kept rows"
+DEFAULT_KEEP, DEFAULT_N = 50.0, 4
+HOWTO = ("the image is tokenized, its top token rows (above the black line) are kept, and stage 1 writes the rest, "
+         "one token at a time; stage 2 and the decoder then render every completion from its tokens. So the kept "
+         "part of each completion is the kept tokens re-rendered, not the original pixels.")
+
+
+def _result(m: demo.Model, img: Any, g: Any, rows: int, B: int, info: str) -> tuple:
+    c = m.config
+    labels = [f"#{i}" for i in range(B)]
+    fig = viz.generation_figure(g.disc_tokens, g.disc_probs, c.codebook.size, title=TITLE + " (done)", keep_rows=rows,
+                                labels=labels)
+    pics = [(viz.mark_kept(img, rows, c.disc_grid, dim=True), "original (greyed: what the model did not see)")]
+    pics += [(viz.mark_kept(x, rows, c.disc_grid, dim=False), f"#{i} · seed {g.seed} · re-rendered from tokens")
+             for i, x in enumerate(g.images)]
+    data = {"keep_rows": rows, "grid": c.disc_grid, "seed": g.seed, "settings": g.settings.to_dict(),
+            "disc_tokens": g.disc_tokens.tolist(),
+            "vq_tokens": g.vq_tokens.tolist(), "timings": g.timings}
+    text = info + " · " + demo.timing_text(g.timings, B, c.disc_grid, c.vq_grid, kept=rows * c.disc_grid)
+    return fig, common.gallery(pics), text, data
+
+
+@common.handled
+def complete(image: str | None, example: str | None, keep_percent: float = DEFAULT_KEEP,
+             num_completions: float = DEFAULT_N, class_name: str | None = None, seed: float = 0,
+             temperature: float | None = None, top_k: float | None = None, top_p: float | None = None,
+             live: bool = True, model: str | None = None) -> Iterator[tuple]:
+    """``num_completions`` continuations of the kept top rows; yields (figure, gallery, info, JSON)."""
+    m = common.model(model)
+    c, img = m.config, demo.choose_image(m, image, example)
+    B = demo.integer("num_completions", num_completions, 1, 8)
+    rows = demo.keep_rows_for(keep_percent, c.disc_grid)
+    class_id = demo.completion_class(m, class_name)
+    run = functools.partial(m.flows.complete_detailed, img, rows, B, class_id=class_id, seed=seed,
+                            **demo.sampling_args(temperature, top_k, top_p))
+    info = (f"keeping the top {rows} of {c.disc_grid} token rows ({100 * rows / c.disc_grid:.1f}%); every "
+            "completion, kept rows included, is re-rendered from its tokens")
+    labels = [f"#{i}" for i in range(B)]
+    yield generate.empty_figure(m, B), [], info + " · starting …", None
+    for kind, value in demo.stream(run):
+        if kind == "token":
+            if live:
+                fig = viz.generation_figure(demo.pad_grid(value, c.disc_grid), None, c.codebook.size, title=TITLE,
+                                            keep_rows=rows, labels=labels)
+                yield fig, gr.skip(), f"{info} · stage 1: token {value.shape[1]} of {c.disc_grid ** 2} …", gr.skip()
+            continue
+        yield _result(m, img, value, rows, B, info)
+
+
+def initial(model: str | None) -> tuple:
+    """What the tab shows on load: the first example completed with the tab's defaults (computed
+    once per model, so a page load costs no generation)."""
+    m, _ = common.registry().try_get(model)
+    names = m.example_names() if m else []
+    if not names:
+        return tuple(gr.skip() for _ in range(4))
+    img = m.example(names[0])
+    rows = demo.keep_rows_for(DEFAULT_KEEP, m.config.disc_grid)
+    class_id = demo.completion_class(m, demo.completion_class_choices(m)[0])
+    g = m.once("initial-completion", lambda: m.flows.complete_detailed(img, rows, DEFAULT_N, class_id=class_id, seed=0))
+    info = f"{names[0]}, keeping the top {rows} of {m.config.disc_grid} token rows; re-rendered from tokens"
+    return _result(m, img, g, rows, DEFAULT_N, info)
+
+
+@dataclass
+class View:
+    image: common.ImageInput
+    cls: gr.Dropdown
+    temperature: gr.Slider
+    top_k: gr.Slider
+    top_p: gr.Slider
+    outputs: list
+
+
+def on_model(v: View, m: demo.Model | None) -> dict:
+    if m is None:
+        return {}
+    d = generate.defaults(m)
+    choices = demo.completion_class_choices(m)
+    return v.image.on_model(m) | {
+        v.cls: gr.update(choices=choices, value=choices[0]), v.temperature: d["temperature"],
+        v.top_k: gr.update(maximum=m.config.codebook.size, value=d["top_k"]), v.top_p: d["top_p"]}
+
+
+def build(m: demo.Model | None, model_dd: gr.Dropdown) -> View:
+    d = generate.defaults(m)
+    K = m.config.codebook.size if m else 512
+    choices = demo.completion_class_choices(m) if m else [demo.UNCONDITIONAL]
+    common.howto(HOWTO)
+    with gr.Row():
+        with gr.Column(scale=1):
+            image = common.image_input(m)
+            keep = gr.Slider(12.5, 87.5, DEFAULT_KEEP, step=12.5, label="Keep the top … % (whole token rows)")
+            n = gr.Slider(1, 8, DEFAULT_N, step=1, label="Number of completions")
+            cls = gr.Dropdown(choices, value=choices[0], label="Condition on class")
+            seed = gr.Number(0, label="Seed", precision=0, minimum=0)
+            temp = gr.Slider(0.1, 2.0, d["temperature"], step=0.05, label="Temperature (starts at the model's default)")
+            topk = gr.Slider(0, K, d["top_k"], step=1, label="Top-k (0 = off)")
+            topp = gr.Slider(0.05, 1.0, d["top_p"], step=0.05, label="Top-p (1 = off)")
+            live = gr.Checkbox(True, label="Stream stage 1 live")
+            btn = gr.Button("Complete", variant="primary", elem_id="complete-btn")
+        with gr.Column(scale=2):
+            plot = gr.Plot(generate.empty_figure(m), label="Stage-1 tokens")
+            info = gr.Markdown(label="info")
+            pics = gr.Gallery(label="Original (kept part above the red line), then completions re-rendered from "
+                                    "their tokens", columns=5, height=300, format="png", object_fit="contain",
+                              buttons=["download", "fullscreen"], elem_classes="pixelated", elem_id="complete-gallery")
+            with gr.Accordion("Tokens (JSON)", open=False):
+                data = gr.JSON(label="tokens")
+    outputs = [plot, pics, info, data]
+    inputs = [*image.inputs, keep, n, cls, seed, temp, topk, topp, live, model_dd]
+    btn.click(complete, inputs, outputs, api_name="complete")
+    image.wire(model_dd)   # picking an image does not start a generation: the button does
+    return View(image, cls, temp, topk, topp, outputs)
