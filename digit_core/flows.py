@@ -8,24 +8,48 @@
 pipeline (``digit_core.pipeline.DiGIT``) and the onnxruntime runtime
 (``digit_core.runtime.Bundle``) are two backends of this one class, so they cannot drift
 apart, and tests compare them on equal inputs.
+
+Sampling settings follow one rule everywhere: a knob left out (or None) takes the model's
+default (``config.sampling``); an explicit value is used as given, and "off" is spelled
+``top_k=0``, ``top_p=1``, ``cfg=1``. Every generation records the settings it used
+(``Generation.settings``). Every number is validated here, before any network runs.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
-from dataclasses import dataclass, field
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
 from .config import DiGITConfig
-from .sampling import Sampler, guide, row_generators, softmax
+from .sampling import (Sampler, check_cfg, check_number, check_seed, check_temperature, check_top_k, check_top_p,
+                       guide, row_generators, softmax)
 
 StepFn = Callable[[np.ndarray, int], np.ndarray]
 """``step(tokens [B, S] int64, start) -> logits [B, out_vocab] float32`` of the last position;
 the function owns a KV cache holding every earlier position."""
 OnToken = Callable[[int, np.ndarray], None]
 """``on_token(step, codes_so_far [B, step + 1])``: called after every stage-1 token."""
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """The sampling settings of one generation, every knob resolved: "off" is ``top_k`` 0,
+    ``top_p`` 1.0 and ``cfg`` 1.0 (also when guidance does not apply to the call)."""
+
+    temperature: float
+    top_k: int
+    top_p: float
+    cfg: float
+    stage2_temperature: float
+    stage2_top_k: int
+    stage2_top_p: float
+
+    def to_dict(self) -> dict[str, float | int]:
+        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -36,7 +60,29 @@ class Generation:
     disc_tokens: np.ndarray            # int64 [N, n, n] cluster ids
     vq_tokens: np.ndarray              # int64 [N, m, m] VQ code ids
     disc_probs: np.ndarray             # float32 [N, n, n] probability of each chosen token
+    settings: SamplingSettings         # what was used: the call's values, else the model's defaults
+    seed: int
     timings: dict[str, float] = field(default_factory=dict)   # seconds per stage
+
+
+_KNOB_CHECKS: dict[str, tuple[Callable[[object, str], float | int], float | int]] = {
+    "temperature": (check_temperature, 1.0), "top_k": (check_top_k, 0), "top_p": (check_top_p, 1.0),
+    "cfg": (check_cfg, 1.0), "stage2_temperature": (check_temperature, 1.0), "stage2_top_k": (check_top_k, 0),
+    "stage2_top_p": (check_top_p, 1.0)}
+"""Each knob's check and its neutral value (what a config's None means: off, or plain temperature 1)."""
+KNOBS = tuple(_KNOB_CHECKS)
+"""The sampling keyword arguments of ``generate``/``complete_many`` (and of the calls that forward to them)."""
+
+
+def check_positive_int(value: object, name: str = "n") -> int:
+    return int(check_number(name, value, lambda v: v >= 1, "a positive integer", integer=True))
+
+
+def keep_rows_for(percent: float, grid: int) -> int:
+    """Whole token rows nearest to ``percent`` (0..100) of a ``grid``-row token grid, at least 1
+    and at most ``grid - 1`` (a completion keeps some rows and generates some)."""
+    p = float(check_number("keep_percent", percent, lambda v: 0 <= v <= 100, "a finite number in [0, 100]"))
+    return int(min(grid - 1, max(1, round(p / 100.0 * grid))))
 
 
 class Flows(ABC):
@@ -88,8 +134,9 @@ class Flows(ABC):
         if C == 0:
             if class_ids is not None:
                 raise ValueError("this model is unconditional: pass n=..., not class_ids")
-            if n is None or int(n) != n or n < 1:
-                raise ValueError(f"n must be a positive integer, got {n}")
+            if n is None:
+                raise ValueError("this model is unconditional: pass n=... (how many images)")
+            check_positive_int(n)
             return None
         if class_ids is None:
             raise ValueError(f"this model is class-conditional: pass class_ids (0..{C - 1})")
@@ -116,66 +163,102 @@ class Flows(ABC):
         (the VQ side of the paper's feature cosine similarity, Table 1)."""
         return self.encode_vq(self.check_images(images))
 
+    # -- sampling settings --------------------------------------------------------------------------
+    def sampling_settings(self, *, no_guidance: str | None = None, **knobs: float | int | None) -> SamplingSettings:
+        """Resolve and validate the sampling knobs (``KNOBS``): None takes ``config.sampling``'s
+        default, anything else must be a valid explicit value. ``no_guidance`` says why this call
+        cannot be guided (then the default guidance is off and an explicit ``cfg`` other than 1 is
+        an error); None means it can when the model has a null class (label dropout)."""
+        unknown = sorted(set(knobs) - set(KNOBS))
+        if unknown:
+            raise TypeError(f"unknown sampling settings {unknown}; the knobs are {', '.join(KNOBS)}")
+        s1 = self.config.stage1
+        if no_guidance is None and s1.num_classes == 0:
+            no_guidance = "an unconditional model has no classifier-free guidance"
+        elif no_guidance is None and s1.null_class_id is None:
+            no_guidance = "this model was trained without label dropout, so it has no classifier-free guidance"
+        d = self.config.sampling
+        out: dict[str, float | int] = {}
+        for name, (check, neutral) in _KNOB_CHECKS.items():
+            given = knobs.get(name)
+            if given is not None:
+                out[name] = check(given, name)
+                continue
+            default = getattr(d, name)   # None in a config is off (the neutral value)
+            out[name] = neutral if default is None else check(default, f"the model's default sampling.{name}")
+        if no_guidance is not None:
+            if knobs.get("cfg") is not None and out["cfg"] != 1.0:
+                raise ValueError(f"cfg={out['cfg']:g} asked for, but {no_guidance} (pass cfg=1 or leave it out)")
+            out["cfg"] = 1.0
+        return SamplingSettings(**out)
+
     # -- generate -----------------------------------------------------------------------------------
     def sample(self, class_ids: list[int] | np.ndarray | None = None, *, n: int | None = None, seed: int = 0,
-               temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-               cfg: float | None = None, on_token: OnToken | None = None) -> np.ndarray:
+               on_token: OnToken | None = None, **sampling: float | int | None) -> np.ndarray:
         """Generate images uint8 ``[N, H, W, 3]``; see ``generate`` for the arguments."""
-        return self.generate(class_ids, n=n, seed=seed, temperature=temperature, top_k=top_k, top_p=top_p,
-                             cfg=cfg, on_token=on_token).images
+        return self.generate(class_ids, n=n, seed=seed, on_token=on_token, **sampling).images
 
     def generate(self, class_ids: list[int] | np.ndarray | None = None, *, n: int | None = None, seed: int = 0,
                  temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                 cfg: float | None = None, on_token: OnToken | None = None) -> Generation:
-        """Stage 1 from a class (or unconditionally), then stage 2 and the VQ decoder.
+                 cfg: float | None = None, stage2_temperature: float | None = None,
+                 stage2_top_k: int | None = None, stage2_top_p: float | None = None,
+                 on_token: OnToken | None = None) -> Generation:
+        """Stage 1 from a class (or ``n`` unconditionally), then stage 2 and the VQ decoder.
 
-        ``temperature`` None takes the model's default; ``top_k``/``top_p``/``cfg`` None mean
-        off; ``cfg`` s mixes logits as ``u + s * (c - u)`` (needs a model with label dropout).
+        Each sampling knob left out (None) takes the model's default (``config.sampling``); an
+        explicit value is used as given: ``top_k`` 0, ``top_p`` 1 and ``cfg`` 1 are off. ``cfg``
+        s mixes logits as ``u + s * (c - u)`` (a model with label dropout, and class_ids).
         """
-        classes = self.check_classes(class_ids, n)
-        if cfg is not None and classes is None:
-            raise ValueError("classifier-free guidance needs class_ids")
-        return self._generate(classes, len(classes) if classes is not None else int(n), None, seed,
-                              temperature, top_k, top_p, cfg, on_token)
+        classes = self.check_classes(class_ids, n)   # None only for an unconditional model: no guidance
+        settings = self.sampling_settings(temperature=temperature, top_k=top_k, top_p=top_p, cfg=cfg,
+                                          stage2_temperature=stage2_temperature, stage2_top_k=stage2_top_k,
+                                          stage2_top_p=stage2_top_p)
+        B = len(classes) if classes is not None else int(n)
+        return self._generate(classes, B, None, check_seed(seed), settings, on_token)
 
     def complete(self, image: np.ndarray, keep_rows: int, n: int = 4, *, class_id: int | None = None, seed: int = 0,
-                 temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                 cfg: float | None = None, on_token: OnToken | None = None) -> np.ndarray:
-        """``n`` completions uint8 ``[n, H, W, 3]`` of one image from its top ``keep_rows`` token rows."""
-        return self.complete_detailed(image, keep_rows, n, class_id=class_id, seed=seed, temperature=temperature,
-                                      top_k=top_k, top_p=top_p, cfg=cfg, on_token=on_token).images
+                 on_token: OnToken | None = None, **sampling: float | int | None) -> np.ndarray:
+        """``n`` completions uint8 ``[n, H, W, 3]`` of one image from its top ``keep_rows`` token
+        rows; the sampling knobs are ``generate``'s."""
+        return self.complete_detailed(image, keep_rows, n, class_id=class_id, seed=seed, on_token=on_token,
+                                      **sampling).images
 
     def complete_detailed(self, image: np.ndarray, keep_rows: int, n: int = 4, *, class_id: int | None = None,
-                          seed: int = 0, temperature: float | None = None, top_k: int | None = None,
-                          top_p: float | None = None, cfg: float | None = None,
-                          on_token: OnToken | None = None) -> Generation:
+                          seed: int = 0, on_token: OnToken | None = None,
+                          **sampling: float | int | None) -> Generation:
         """Like ``complete``, returning the whole ``Generation``. A class-conditional model is
         conditioned on ``class_id``, or on its null class when None (label-dropout models)."""
-        if int(n) != n or n < 1:
-            raise ValueError(f"n must be a positive integer, got {n}")
+        n = check_positive_int(n)
+        if class_id is not None:
+            C = self.config.stage1.num_classes
+            class_id = int(check_number("class_id", class_id, lambda v: 0 <= v < C,
+                                        f"an integer in 0..{C - 1}" if C else "None (this model is unconditional)",
+                                        integer=True))
         image = np.asarray(image)
         if image.ndim == 4:
             if image.shape[0] != 1:
                 raise ValueError(f"complete takes one image, got a batch of {image.shape[0]}")
         else:
             image = image[None]
-        n = int(n)
         return self.complete_many(np.repeat(image, n, 0), keep_rows, class_ids=None if class_id is None else [class_id] * n,
-                                  seed=seed, temperature=temperature, top_k=top_k, top_p=top_p, cfg=cfg, on_token=on_token)
+                                  seed=seed, on_token=on_token, **sampling)
 
     def complete_many(self, images: np.ndarray, keep_rows: int, *, class_ids: list[int] | np.ndarray | None = None,
                       seed: int = 0, temperature: float | None = None, top_k: int | None = None,
-                      top_p: float | None = None, cfg: float | None = None,
+                      top_p: float | None = None, cfg: float | None = None, stage2_temperature: float | None = None,
+                      stage2_top_k: int | None = None, stage2_top_p: float | None = None,
                       on_token: OnToken | None = None) -> Generation:
         """One completion of each image ``[N, H, W, 3]`` from its top ``keep_rows`` token rows, as
-        one batch (row ``i`` seeded by ``(seed, i)``). A class-conditional model is conditioned on
-        ``class_ids``, or on its null class when None (label-dropout models; no guidance then)."""
+        one batch (row ``i`` seeded by ``(seed, i)``); the sampling knobs are ``generate``'s. A
+        class-conditional model is conditioned on ``class_ids``, or on its null class when None
+        (label-dropout models; no guidance then: there is no class to guide towards)."""
         grid, s1 = self.config.disc_grid, self.config.stage1
-        if int(keep_rows) != keep_rows or not 1 <= keep_rows < grid:
-            raise ValueError(f"keep_rows must be an integer in 1..{grid - 1} (the token grid has {grid} rows)")
-        ids = self.tokenize(images)[0]
-        N = len(ids)
-        codes = ids.reshape(N, -1)[:, : int(keep_rows) * grid]
+        keep_rows = int(check_number("keep_rows", keep_rows, lambda v: 1 <= v < grid,
+                                     f"an integer in 1..{grid - 1} (the token grid has {grid} rows)", integer=True))
+        seed = check_seed(seed)
+        images = self.check_images(images)
+        N = len(images)
+        no_guidance = None
         if s1.num_classes == 0:
             if class_ids is not None:
                 raise ValueError("this model is unconditional: it takes no class_ids")
@@ -185,28 +268,30 @@ class Flows(ABC):
             if len(classes) != N:
                 raise ValueError(f"{len(classes)} class_ids for {N} images")
         elif s1.null_class_id is not None:
-            classes, cfg = np.full(N, s1.null_class_id - s1.class_offset, dtype=np.int64), None
+            classes = np.full(N, s1.null_class_id - s1.class_offset, dtype=np.int64)
+            no_guidance = "a completion without a class is conditioned on the null class: there is nothing to guide"
         else:
             raise ValueError("this class-conditional model has no null class: pass class_ids")
-        return self._generate(classes, N, codes, seed, temperature, top_k, top_p, cfg, on_token)
+        settings = self.sampling_settings(
+            no_guidance=no_guidance, temperature=temperature, top_k=top_k, top_p=top_p, cfg=cfg,
+            stage2_temperature=stage2_temperature, stage2_top_k=stage2_top_k, stage2_top_p=stage2_top_p)
+        codes = self.encode_disc(images)[0].reshape(N, -1)[:, : keep_rows * grid]
+        return self._generate(classes, N, codes, seed, settings, on_token)
 
     def _generate(self, classes: np.ndarray | None, B: int, prefix: np.ndarray | None, seed: int,
-                  temperature: float | None, top_k: int | None, top_p: float | None, cfg: float | None,
-                  on_token: OnToken | None) -> Generation:
-        if cfg is not None and self.config.stage1.null_class_id is None:
-            raise ValueError("this model was trained without label dropout, so it has no classifier-free guidance")
-        d = self.config.sampling
-        sampler = Sampler(d.temperature if temperature is None else temperature, top_k, top_p)
+                  settings: SamplingSettings, on_token: OnToken | None) -> Generation:
+        st = settings
+        cfg = st.cfg if st.cfg != 1.0 else None   # scale 1 is the plain conditional: skip the null-class rows
         rngs = row_generators(seed, B)
         t0 = time.perf_counter()
-        codes, probs = self._stage1(classes, B, sampler, rngs, cfg, on_token, prefix)
+        codes, probs = self._stage1(classes, B, Sampler(st.temperature, st.top_k, st.top_p), rngs, cfg, on_token, prefix)
         t1 = time.perf_counter()
-        vq = self._stage2(codes, Sampler(d.stage2_temperature, d.stage2_top_k, d.stage2_top_p), rngs)
+        vq = self._stage2(codes, Sampler(st.stage2_temperature, st.stage2_top_k, st.stage2_top_p), rngs)
         t2 = time.perf_counter()
         n, m = self.config.disc_grid, self.config.vq_grid
         images = self.decode_vq(vq.reshape(B, m, m))
         t3 = time.perf_counter()
-        return Generation(images, codes.reshape(B, n, n), vq.reshape(B, m, m), probs.reshape(B, n, n),
+        return Generation(images, codes.reshape(B, n, n), vq.reshape(B, m, m), probs.reshape(B, n, n), settings, seed,
                           {"stage1": t1 - t0, "stage2": t2 - t1, "decode": t3 - t2})
 
     # -- the two autoregressive stages ------------------------------------------------------------

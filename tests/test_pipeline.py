@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from digit_core.config import ConfigError, DiGITConfig, tiny
+from digit_core.config import ConfigError, DiGITConfig, SamplingConfig, tiny
+from digit_core.flows import SamplingSettings, keep_rows_for
 from digit_core.pipeline import DiGIT
 
 
@@ -39,10 +40,94 @@ def test_sample_shapes_and_seeds(model: DiGIT) -> None:
 
 
 def test_cfg_scale_one_gives_the_conditional_tokens(model: DiGIT) -> None:
-    plain = model.generate([0, 1, 2, 0], seed=3)
+    plain = model.generate([0, 1, 2, 0], seed=3)         # tiny's default: no guidance
     guided = model.generate([0, 1, 2, 0], seed=3, cfg=1.0)
-    assert np.array_equal(plain.disc_tokens, guided.disc_tokens)
+    assert plain.settings.cfg == 1.0 and np.array_equal(plain.disc_tokens, guided.disc_tokens)
     assert not np.array_equal(plain.disc_tokens, model.generate([0, 1, 2, 0], seed=3, cfg=4.0).disc_tokens)
+
+
+TUNED = SamplingConfig(temperature=0.8, top_k=5, top_p=0.9, cfg=3.0, stage2_temperature=0.5, stage2_top_k=6,
+                       stage2_top_p=0.7)
+EXPLICIT = dict(temperature=0.8, top_k=5, top_p=0.9, cfg=3.0, stage2_temperature=0.5, stage2_top_k=6, stage2_top_p=0.7)
+OFF = dict(top_k=0, top_p=1.0, cfg=1.0, stage2_top_k=0, stage2_top_p=1.0)
+
+
+def _same(a, b) -> bool:
+    return np.array_equal(a.disc_tokens, b.disc_tokens) and np.array_equal(a.vq_tokens, b.vq_tokens)
+
+
+def test_omitted_settings_are_the_models_defaults_explicit_ones_are_used(model: DiGIT, monkeypatch) -> None:
+    monkeypatch.setattr(model.config, "sampling", TUNED)
+    d = model.generate([0, 1, 2, 0], seed=1)
+    assert d.settings == SamplingSettings(**EXPLICIT) and d.seed == 1
+    assert _same(d, model.generate([0, 1, 2, 0], seed=1, **EXPLICIT))
+    off = model.generate([0, 1, 2, 0], seed=1, **OFF)
+    assert off.settings == SamplingSettings(0.8, 0, 1.0, 1.0, 0.5, 0, 1.0)
+    assert not _same(off, d)
+    # "off" spelled explicitly is what a model whose defaults are all off samples
+    monkeypatch.setattr(model.config, "sampling", SamplingConfig(temperature=0.8, stage2_temperature=0.5,
+                                                                  stage2_top_p=None))
+    assert _same(model.generate([0, 1, 2, 0], seed=1), off)
+    assert model.sampling_settings() == off.settings
+
+
+def test_completions_follow_the_same_rule(model: DiGIT, monkeypatch) -> None:
+    monkeypatch.setattr(model.config, "sampling", TUNED)
+    img = _images(1, seed=5)[0]
+    with_class = model.complete_detailed(img, keep_rows=2, n=3, class_id=1, seed=0)
+    assert with_class.settings == SamplingSettings(**EXPLICIT)
+    assert _same(with_class, model.complete_detailed(img, keep_rows=2, n=3, class_id=1, seed=0, **EXPLICIT))
+    # without a class the null class conditions it: the default guidance does not apply ...
+    null = model.complete_detailed(img, keep_rows=2, n=3, seed=0)
+    assert null.settings.cfg == 1.0 and null.settings.top_k == 5
+    # ... and guidance asked for explicitly is refused rather than dropped
+    with pytest.raises(ValueError, match="null class"):
+        model.complete_detailed(img, keep_rows=2, n=3, seed=0, cfg=2.0)
+    assert _same(null, model.complete_detailed(img, keep_rows=2, n=3, seed=0, cfg=1.0))
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda m: m.generate([0], cfg=NAN), r"cfg must be a finite number in \[0, 100\] \(1 = off\), got nan"),
+    (lambda m: m.generate([0], cfg=INF), r"cfg must be a finite number in \[0, 100\]"),
+    (lambda m: m.generate([0], cfg=-1.0), r"cfg must be a finite number in \[0, 100\]"),
+    (lambda m: m.generate([0], top_p=NAN), r"top_p must be a finite number in \(0, 1\] \(1 = off\), got nan"),
+    (lambda m: m.generate([0], top_k=NAN), r"top_k must be an integer >= 0 \(0 = off\), got nan"),
+    (lambda m: m.generate([0], top_k=1e400), r"top_k must be an integer >= 0"),
+    (lambda m: m.generate([0], temperature=NAN), r"temperature must be a finite number >= 0"),
+    (lambda m: m.generate([0], stage2_top_p=NAN), r"stage2_top_p must be a finite number in \(0, 1\]"),
+    (lambda m: m.generate([0], stage2_temperature=INF), r"stage2_temperature must be a finite number >= 0"),
+    (lambda m: m.generate([0], seed=2 ** 64), r"seed must be an integer in \[0, 2\*\*63\), got 18446744073709551616"),
+    (lambda m: m.generate([0], seed=NAN), r"seed must be an integer in \[0, 2\*\*63\)"),
+    (lambda m: m.complete(_images(1)[0], keep_rows=NAN), r"keep_rows must be an integer in 1\.\.3"),
+    (lambda m: m.complete(_images(1)[0], keep_rows=1.5), r"keep_rows must be an integer in 1\.\.3"),
+    (lambda m: m.complete(_images(1)[0], keep_rows=2, n=NAN), r"n must be a positive integer, got nan"),
+    (lambda m: m.complete(_images(1)[0], keep_rows=2, class_id=NAN), r"class_id must be an integer in 0\.\.2"),
+    (lambda m: m.complete(_images(1)[0], keep_rows=2, seed=2 ** 63), r"seed must be an integer in \[0, 2\*\*63\)"),
+    (lambda m: m.complete(_images(1)[0], keep_rows=2, cfg=NAN), r"cfg must be a finite number"),
+    (lambda m: m.complete_many(_images(2), keep_rows=2, top_p=NAN), r"top_p must be a finite number"),
+])
+def test_bad_numbers_are_refused_before_any_network_runs(model: DiGIT, call, match: str, monkeypatch) -> None:
+    ran: list[str] = []
+    for op in ("encode_disc", "open_stage1", "open_stage2", "decode_vq"):
+        monkeypatch.setattr(model, op, lambda *a, op=op: ran.append(op))
+    with pytest.raises(ValueError, match=match):
+        call(model)
+    assert ran == []
+
+
+def test_unconditional_n_and_keep_percent_are_checked() -> None:
+    m = DiGIT(tiny(num_classes=0))
+    with pytest.raises(ValueError, match=r"n must be a positive integer, got nan"):
+        m.sample(n=NAN)
+    with pytest.raises(ValueError, match=r"cfg=2 asked for, but an unconditional model"):
+        m.sample(n=1, cfg=2.0)
+    for bad in (NAN, INF, -5.0, 101.0):
+        with pytest.raises(ValueError, match=r"keep_percent must be a finite number in \[0, 100\]"):
+            keep_rows_for(bad, 8)
+    assert [keep_rows_for(p, 8) for p in (0, 12.5, 50, 87.5, 100)] == [1, 1, 4, 7, 7]
 
 
 def test_on_token_streams_every_stage1_token(model: DiGIT) -> None:
@@ -111,7 +196,7 @@ def test_save_load_round_trip_is_bit_exact(model: DiGIT, tmp_path: Path) -> None
     (lambda m: m.complete(np.zeros((16, 16, 3), np.uint8), keep_rows=4), "keep_rows"),
     (lambda m: m.complete(np.zeros((16, 16, 3), np.uint8), keep_rows=0), "keep_rows"),
     (lambda m: m.complete(np.zeros((2, 16, 16, 3), np.uint8), keep_rows=1), "one image"),
-    (lambda m: m.complete(np.zeros((16, 16, 3), np.uint8), keep_rows=1, class_id=9), "out of range"),
+    (lambda m: m.complete(np.zeros((16, 16, 3), np.uint8), keep_rows=1, class_id=9), r"class_id must be an integer in 0\.\.2"),
 ])
 def test_bad_inputs_raise_clear_errors(model: DiGIT, call, match: str) -> None:
     with pytest.raises(ValueError, match=match):

@@ -70,7 +70,7 @@ def test_guidance_at_scale_one_is_conditional() -> None:
     assert np.allclose(guide(c, u, 0.0), u) and np.allclose(guide(c, u, 2.0), 2 * c - u)
 
 
-@pytest.mark.parametrize("kw", [dict(temperature=-1), dict(top_k=0), dict(top_k=2.5), dict(top_p=0), dict(top_p=1.5)])
+@pytest.mark.parametrize("kw", [dict(temperature=-1), dict(top_k=-1), dict(top_k=2.5), dict(top_p=0), dict(top_p=1.5)])
 def test_bad_settings_are_rejected(kw: dict) -> None:
     with pytest.raises(ValueError):
         Sampler(**kw)
@@ -79,3 +79,51 @@ def test_bad_settings_are_rejected(kw: dict) -> None:
 def test_bad_seed_is_rejected() -> None:
     with pytest.raises(ValueError, match="seed"):
         row_generators(-1, 2)
+
+
+def test_zero_top_k_and_unit_top_p_are_off() -> None:
+    logits = np.random.default_rng(3).normal(size=(8, 40))
+    rngs = lambda: row_generators(9, 8)   # noqa: E731 - a fresh set of generators per draw
+    plain = Sampler(temperature=0.7)(logits, rngs())
+    assert np.array_equal(Sampler(temperature=0.7, top_k=0, top_p=1.0)(logits, rngs()), plain)
+    assert np.array_equal(filter_logits(logits, top_k=0, top_p=1.0), logits)
+
+
+def test_tiny_temperatures_are_greedy_not_nan() -> None:
+    # scaled logits are taken relative to the row maximum, so even a subnormal temperature cannot
+    # overflow to inf - inf = NaN (which made the inverse-CDF draw return token 0)
+    logits = np.array([[0.0, 5.0, 1.0], [3.0, -1.0, 2.0]])
+    assert Sampler(temperature=1e-320)(logits, row_generators(0, 2)).tolist() == [1, 0]
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(temperature=float("nan")), r"temperature must be a finite number >= 0"),
+    (dict(temperature=float("inf")), r"temperature must be a finite number >= 0"),
+    (dict(top_k=float("nan")), r"top_k must be an integer >= 0 \(0 = off\)"),
+    (dict(top_k=True), r"top_k must be an integer"),
+    (dict(top_p=float("nan")), r"top_p must be a finite number in \(0, 1\]"),
+    (dict(top_p="0.5"), r"top_p must be a finite number"),
+])
+def test_non_finite_settings_name_the_parameter(kw: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        Sampler(**kw)
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf")])
+def test_guidance_rejects_non_finite_scales(scale: float) -> None:
+    c = np.zeros((2, 4))
+    with pytest.raises(ValueError, match=r"cfg must be a finite number"):
+        guide(c, c, scale)
+
+
+@pytest.mark.parametrize("seed", [2 ** 63, 2 ** 64, float("nan"), float("inf"), 1.5, "3"])
+def test_seed_must_be_an_integer_below_2_63(seed: object) -> None:
+    with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*63\)"):
+        row_generators(seed, 2)
+
+
+def test_largest_seed_and_integral_floats_are_accepted() -> None:
+    a = Sampler()(np.zeros((2, 50)), row_generators(2 ** 63 - 1, 2))
+    assert np.array_equal(Sampler()(np.zeros((2, 50)), row_generators(7.0, 2)),
+                          Sampler()(np.zeros((2, 50)), row_generators(7, 2)))
+    assert a.shape == (2,)
