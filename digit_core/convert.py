@@ -20,6 +20,7 @@ import dataclasses
 import pickle
 import re
 import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,10 +41,10 @@ STAGE1_RUNS = {  # (size, class-conditional) -> default run; the *_400epoch runs
 }
 STAGE2_RUNS = {"base": "base_8k_stage2_400epoch", "large": "large_16k_stage2"}
 EXTRA_RUNS = ("base_8k_stage1_400epoch", "base_8k_stage1_cls_400epoch")
-# Where the README's layout puts the centroids; to confirm on the hub (they are optional: the
-# checkpoints embed the same centroids).
-KM_FILES = {"base": "data/ILSVRC2012/dinov2_base_short_224_l3/km_8k.npy",
-            "large": "data/ILSVRC2012/dinov2_large_short_224_l3/km_16k.npy"}
+# Where the centroids may be, first found wins: the hub's listing (dataset/...), then the layout
+# its README describes (data/...). Optional: the checkpoints embed the same centroids.
+KM_FILES = {size: tuple(f"{top}/ILSVRC2012/dinov2_{size}_short_224_l3/km_{k}.npy" for top in ("dataset", "data"))
+            for size, k in (("base", "8k"), ("large", "16k"))}
 SIZE_BY_CODES = {8192: "base", 16000: "large"}
 IMAGENET_CLASSES = 1000
 
@@ -90,24 +91,56 @@ def _safe_globals() -> list[Any]:
     return out
 
 
+# The first bytes of a legacy (pre-zip, PyTorch < 1.6) torch.save file: its magic number, pickled.
+_LEGACY_HEADER = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)
+
+
+def check_torch_file(path: Path) -> None:
+    """Raise ConvertError "not a PyTorch checkpoint" (naming the file) unless ``path`` is a
+    complete torch.save archive: a zip with ``<dir>/data.pkl`` or the legacy pickle format.
+    Looks at the container only, before any unpickling."""
+    with open(path, "rb") as f:
+        head = f.read(len(_LEGACY_HEADER))
+    if not head:
+        raise ConvertError(f"{path}: not a PyTorch checkpoint (the file is empty)")
+    if head.startswith(b"PK"):
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = set(z.namelist())
+        except (zipfile.BadZipFile, OSError) as err:
+            raise ConvertError(f"{path}: not a PyTorch checkpoint (a truncated or damaged zip archive: {err})") from None
+        if not any(f"{n.split('/', 1)[0]}/data.pkl" in names for n in names):
+            raise ConvertError(f"{path}: not a PyTorch checkpoint (a zip archive without <dir>/data.pkl)")
+    elif head != _LEGACY_HEADER:
+        raise ConvertError(f"{path}: not a PyTorch checkpoint (it starts with {head[:8]!r}; torch.save writes a "
+                           "zip archive)")
+
+
 def load_checkpoint(path: str | Path, trust_pickle: bool = False) -> dict[str, Any]:
-    """``torch.load`` restricted to tensors and the allow-list; ``trust_pickle`` lifts the restriction."""
+    """``torch.load`` restricted to tensors and the allow-list; ``trust_pickle`` lifts the restriction.
+    Files that are not PyTorch checkpoints, or damaged ones, are a ConvertError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint")
+    check_torch_file(path)
     if trust_pickle:
         print(f"WARNING: --trust-pickle: unpickling {path} without restrictions; a malicious file can "
               "execute arbitrary code. Only do this for files from a source you trust.", file=sys.stderr)
-        return torch.load(path, map_location="cpu", weights_only=False)
     try:
+        if trust_pickle:
+            return torch.load(path, map_location="cpu", weights_only=False)
         with torch.serialization.safe_globals(_safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         refused = sorted(set(re.findall(r"GLOBAL ([\w.]+)", str(err))))
+        if not refused:   # not the allow-list: the pickle itself is broken
+            raise ConvertError(f"{path}: a damaged PyTorch checkpoint ({str(err).splitlines()[0]})") from None
         raise ConvertError(
-            f"{path}: refused to unpickle {', '.join(refused) or 'an object'} (not on the allow-list of plain "
-            "data types). If you trust this file, rerun with --trust-pickle, which unpickles without "
-            "restrictions and can execute arbitrary code.") from None
+            f"{path}: refused to unpickle {', '.join(refused)} (not on the allow-list of plain data types). "
+            "If you trust this file, rerun with --trust-pickle, which unpickles without restrictions and "
+            "can execute arbitrary code.") from None
+    except (RuntimeError, EOFError, IndexError, KeyError, ValueError) as err:   # torch's readers on damaged data
+        raise ConvertError(f"{path}: a damaged PyTorch checkpoint ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
 
 
 @dataclass
@@ -329,18 +362,32 @@ def resolve_files(size: str, class_conditional: bool, *, source: str | Path | No
     """Paths of the stage-1/stage-2 checkpoints and the centroids (``None`` when absent), from
     ``source`` (a local directory laid out like the hub repo) or the hub (resumable, cached;
     ``HF_HUB_OFFLINE=1`` uses the cache only)."""
-    rel = {"stage1": run_path(stage1_run or STAGE1_RUNS[(size, class_conditional)]),
-           "stage2": run_path(stage2_run or STAGE2_RUNS[size]), "km": KM_FILES[size]}
+    rel = {"stage1": (run_path(stage1_run or STAGE1_RUNS[(size, class_conditional)]),),
+           "stage2": (run_path(stage2_run or STAGE2_RUNS[size]),), "km": KM_FILES[size]}
     if source is None:
-        from huggingface_hub import snapshot_download
-
-        source = snapshot_download(HUB_REPO, allow_patterns=list(rel.values()))
+        source = download(sorted(p for paths in rel.values() for p in paths))
     root = Path(source)
-    paths: dict[str, Path | None] = {k: root / r if (root / r).is_file() else None for k, r in rel.items()}
-    missing = [rel[k] for k in ("stage1", "stage2") if paths[k] is None]
+    paths = {k: next((root / r for r in rels if (root / r).is_file()), None) for k, rels in rel.items()}
+    missing = [rel[k][0] for k in ("stage1", "stage2") if paths[k] is None]
     if missing:
-        raise FileNotFoundError(f"{root}: missing {missing} (expected the layout of hf.co/{HUB_REPO})")
+        raise FileNotFoundError(f"{root}: missing {missing} (expected the layout of hf.co/{HUB_REPO}: "
+                                f"{rel['stage1'][0]}, {rel['stage2'][0]} and optionally {' or '.join(rel['km'])})")
     return paths
+
+
+def download(files: list[str]) -> str:
+    """The local snapshot of ``files`` from the hub (huggingface_hub's cache); when the hub cannot
+    be reached and the cache lacks them, a ConvertError that says what to do instead."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(HUB_REPO, allow_patterns=files)
+    except OSError as err:   # huggingface_hub's LocalEntryNotFoundError, OfflineModeIsEnabled, HTTP errors
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConvertError(
+            f"could not download the checkpoints from hf.co/{HUB_REPO} ({first[:300]}). Without network: pass "
+            f"--source DIR, a local copy laid out like the hub repository ({', '.join(files)}), or set "
+            "HF_HUB_OFFLINE=1 with a huggingface_hub cache that already holds them (HF_HOME).") from None
 
 
 def main(argv: list[str] | None = None) -> None:

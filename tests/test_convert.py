@@ -8,6 +8,8 @@ import argparse
 import collections
 import json
 import math
+import re
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -266,8 +268,9 @@ def test_source_layout_end_to_end(tmp_path: Path) -> None:
     hub = tmp_path / "hub"
     save_fairseq(hub / cv.run_path(cv.STAGE1_RUNS[("base", True)]), cfg, 1)
     save_fairseq(hub / cv.run_path(cv.STAGE2_RUNS["base"]), cfg, 2, seed=1)
-    (hub / cv.KM_FILES["base"]).parent.mkdir(parents=True)
-    np.save(hub / cv.KM_FILES["base"], fixed_centroids(cfg).numpy())   # found, checked against the embedded copies
+    km = hub / cv.KM_FILES["base"][0]   # the hub's dataset/... layout
+    km.parent.mkdir(parents=True)
+    np.save(km, fixed_centroids(cfg).numpy())   # found, checked against the embedded copies
     cfg.save(tmp_path / "layout.json")
     out, bundle = tmp_path / "model", tmp_path / "bundle"
     cv.main(["--source", str(hub), "--size", "base", "--class-conditional", "--config", str(tmp_path / "layout.json"),
@@ -285,7 +288,7 @@ def test_source_layout_end_to_end(tmp_path: Path) -> None:
     assert torch.equal(model.encoder.vit.blocks[2].attn.qkv.weight, ck1.state["pretrained_encoder.blocks.2.attn.qkv.weight"])
     assert torch.equal(model.vqgan.quantize.embedding.weight, ck2.state["vqgan.quantize.embedding.weight"])
     assert Bundle(bundle).sample(class_ids=[1], seed=0, top_k=5).shape == (1, 32, 32, 3)
-    assert cv.resolve_files("base", True, source=hub)["km"] == hub / cv.KM_FILES["base"]
+    assert cv.resolve_files("base", True, source=hub)["km"] == km
     with pytest.raises(FileNotFoundError, match="base_8k_stage2_400epoch"):
         cv.resolve_files("base", False, source=tmp_path / "model")
 
@@ -329,3 +332,88 @@ def test_release_shapes_fit_the_presets(size: str, num_classes: int, top_k: int)
         state = cv.convert_gpt_state(cks[stage], gpt)
         assert state["pos_main"].shape == (1026, d)
         assert stage == 1 or state["pos_prefix"].shape == (258, d)
+
+
+# -- files that are not checkpoints, and finding the release ------------------------------------
+def _not_checkpoints(tmp_path: Path) -> dict[str, Path]:
+    torch.save({"model": {"w": torch.ones(4096)}}, tmp_path / "real.pt")
+    raw = (tmp_path / "real.pt").read_bytes()
+    files = {"truncated.pt": raw[: len(raw) // 2], "text.pt": b"model weights are elsewhere\n", "empty.pt": b"",
+             "image.png": b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    with zipfile.ZipFile(tmp_path / "plain.zip", "w") as z:
+        z.writestr("notes/readme.txt", "not a checkpoint")
+    return {n: tmp_path / n for n in (*files, "plain.zip")}
+
+
+@pytest.mark.parametrize("name, why", [("truncated.pt", "truncated or damaged zip"), ("text.pt", "starts with b'model we'"),
+                                       ("empty.pt", "empty"), ("plain.zip", "without <dir>/data.pkl"),
+                                       ("image.png", r"starts with b'\\x89PNG")])
+def test_files_that_are_not_checkpoints(tmp_path: Path, name: str, why: str, capsys: pytest.CaptureFixture) -> None:
+    """Named as such before any unpickling, and never told to lift the pickle protection."""
+    path = _not_checkpoints(tmp_path)[name]
+    with pytest.raises(cv.ConvertError, match=f"{re.escape(str(path))}: not a PyTorch checkpoint .*{why}") as err:
+        cv.load_checkpoint(path)
+    assert "--trust-pickle" not in str(err.value)
+    with pytest.raises(cv.ConvertError, match="not a PyTorch checkpoint"):   # nor with the protection off
+        cv.load_checkpoint(path, trust_pickle=True)
+    with pytest.raises(SystemExit) as exit_:
+        cv.main(["--stage1", str(path), "--stage2", str(path), "--out", str(tmp_path / "out")])
+    assert "not a PyTorch checkpoint" in str(exit_.value.code) and "trust-pickle" not in str(exit_.value.code)
+
+
+def test_damaged_pickle_inside_a_real_archive(tmp_path: Path) -> None:
+    """A torch.save zip whose data.pkl is garbage: damaged, not 'refused' (no --trust-pickle hint)."""
+    torch.save({"model": {"w": torch.ones(4)}}, tmp_path / "real.pt")
+    with zipfile.ZipFile(tmp_path / "real.pt") as src, zipfile.ZipFile(tmp_path / "bad.pt", "w") as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            dst.writestr(info, b"\x80\x02garbage" if info.filename.endswith("data.pkl") else data)
+    with pytest.raises(cv.ConvertError, match="bad.pt: a damaged PyTorch checkpoint") as err:
+        cv.load_checkpoint(tmp_path / "bad.pt")
+    assert "--trust-pickle" not in str(err.value)
+
+
+def test_both_centroid_layouts_are_found(tmp_path: Path) -> None:
+    """The hub lists dataset/ILSVRC2012/...; its README writes data/ILSVRC2012/...: either is found."""
+    for size in ("base", "large"):
+        hub_path, readme_path = cv.KM_FILES[size]
+        assert hub_path.startswith("dataset/ILSVRC2012/dinov2_") and readme_path.startswith("data/ILSVRC2012/dinov2_")
+    cfg = tiny_official()
+    for layout in cv.KM_FILES["base"]:
+        hub = tmp_path / layout.split("/")[0]
+        save_fairseq(hub / cv.run_path(cv.STAGE1_RUNS[("base", False)]), cfg, 1)
+        save_fairseq(hub / cv.run_path(cv.STAGE2_RUNS["base"]), cfg, 2)
+        (hub / layout).parent.mkdir(parents=True)
+        np.save(hub / layout, fixed_centroids(cfg).numpy())
+        assert cv.resolve_files("base", False, source=hub)["km"] == hub / layout
+    with pytest.raises(FileNotFoundError) as err:
+        cv.resolve_files("large", True, source=tmp_path / "dataset")
+    for expected in (cv.run_path("large_16k_stage1_cls"), cv.run_path("large_16k_stage2"), *cv.KM_FILES["large"]):
+        assert expected in str(err.value)
+
+
+@pytest.mark.parametrize("offline", ["entry", "offline_mode", "connection"])
+def test_download_without_network_says_what_to_do(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, offline: str) -> None:
+    """huggingface_hub's offline and connection errors become one message naming --source and
+    HF_HUB_OFFLINE (the network is replaced by a stub that fails as the hub client does)."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    errors = {"entry": LocalEntryNotFoundError("An error happened while trying to locate the files on the Hub"),
+              "offline_mode": OfflineModeIsEnabled("Cannot reach the hub: offline mode is enabled"),
+              "connection": ConnectionError("[Errno -2] Name or service not known")}
+    asked = []
+
+    def no_network(repo_id: str, allow_patterns: list[str], **kw):
+        asked.extend(allow_patterns)
+        raise errors[offline]
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_network)
+    with pytest.raises(SystemExit) as exit_:
+        cv.main(["--download", "--size", "base", "--out", str(tmp_path / "out")])
+    msg = str(exit_.value.code)
+    assert "--source DIR" in msg and "HF_HUB_OFFLINE=1" in msg and cv.HUB_REPO in msg
+    assert set(cv.KM_FILES["base"]) <= set(asked) and cv.run_path("base_8k_stage1") in asked
+    assert not (tmp_path / "out").exists()
