@@ -18,14 +18,14 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 
-from bench.bench_decode import copy_bandwidth
+from bench.bench_decode import copy_bandwidth, weight_bytes
 from digit_core.config import fmnist_small
 from digit_core.export import export_bundle
 from digit_core.flows import Flows
-from digit_core.gpt import GPT
 from digit_core.pipeline import DiGIT
 from digit_core.runtime import load_bundle
 
@@ -48,20 +48,43 @@ def best_times(fns: list[Callable[[], object]], repeats: int = REPEATS, rounds: 
     return best
 
 
-def decode(m: Flows, stage: int, batch: int) -> Callable[[], None]:
-    """Prefill (stage 1: the class token; stage 2: the 64 prefix tokens + separator), then one
-    token per step for the rest of the grid, as the flows do; returns the timed function."""
+def decode_parts(m: Flows, stage: int, batch: int, done: int = 0,
+                 steps: int | None = None) -> tuple[Callable[[], None], Callable[[], None]]:
+    """Stage ``stage``'s decoding on backend ``m`` in two parts. ``prefill()`` opens a KV cache
+    and feeds it, in one chunk, what the flows prefill (stage 1: the class token; stage 2: the
+    n*n discriminative tokens + separator) and ``done`` tokens already generated; ``decode()``
+    then feeds ``steps`` tokens one at a time (default: the rest of the grid). ``decode`` writes
+    the same positions on every call, so one prefill serves many timed calls."""
     c = m.config
     n_prefix = 1 if stage == 1 else c.disc_grid ** 2 + 1
-    steps = (c.disc_grid if stage == 1 else c.vq_grid) ** 2 - 1
+    total = (c.disc_grid if stage == 1 else c.vq_grid) ** 2
+    steps = total - 1 - done if steps is None else steps
+    if done < 0 or steps < 1 or done + steps > total - 1:
+        raise ValueError(f"done={done} + steps={steps} must fit in the {total - 1} decoding steps of stage {stage}")
     vocab = (c.stage1 if stage == 1 else c.stage2).gpt.vocab_size
-    seq = np.random.default_rng(0).integers(0, vocab, (batch, n_prefix + steps))
+    start = n_prefix + done
+    seq = np.random.default_rng(0).integers(0, vocab, (batch, start + steps))
+    state: dict[str, Callable[[np.ndarray, int], np.ndarray]] = {}
+
+    def prefill() -> None:
+        state["step"] = m.open_stage1(batch) if stage == 1 else m.open_stage2(batch)
+        state["step"](seq[:, :start], 0)
+
+    def decode() -> None:
+        step = state["step"]
+        for t in range(start, start + steps):
+            step(seq[:, t:t + 1], t)
+    return prefill, decode
+
+
+def decode(m: Flows, stage: int, batch: int) -> Callable[[], None]:
+    """Prefill, then one token per step for the rest of the grid, as the flows do; returns the
+    timed function."""
+    prefill, steps = decode_parts(m, stage, batch)
 
     def run() -> None:
-        step = m.open_stage1(batch) if stage == 1 else m.open_stage2(batch)
-        step(seq[:, :n_prefix], 0)
-        for t in range(n_prefix, n_prefix + steps):
-            step(seq[:, t:t + 1], t)
+        prefill()
+        steps()
     return run
 
 
@@ -82,9 +105,15 @@ def numpy_feeds(m, stage: int, batch: int) -> Callable[[], None]:
     return run
 
 
-def weight_bytes(gpt: GPT) -> int:
-    """Bytes of the weights a decoding step reads in full (embedding tables only give one row)."""
-    return sum(p.numel() * p.element_size() for n, p in gpt.named_parameters() if not n.startswith(("tok_emb", "pos_")))
+def graph_weight_bytes(graph: str | Path) -> int:
+    """``weight_bytes`` of an exported stage graph, in the dtypes it stores (float32, float16 or
+    int8): every initializer but the tables only gathered from (the embeddings)."""
+    proto = onnx.load(str(graph), load_external_data=False)
+    g = proto.graph
+    cast = {n.output[0]: n.input[0] for n in g.node if n.op_type == "Cast"}   # float16 storage: init -> Cast -> use
+    gathered = {cast.get(n.input[0], n.input[0]) for n in g.node if n.op_type == "Gather"}
+    return sum(int(np.prod(t.dims)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+               for t in g.initializer if t.name not in gathered)
 
 
 def main() -> None:
