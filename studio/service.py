@@ -60,22 +60,27 @@ def _ip_of(request: Any) -> str | None:
 def limit_queue(blocks: gr.Blocks, per_session: int, per_ip: int | None) -> None:
     """Refuse a new job from a client that already has ``per_session`` jobs queued or running
     (and, when ``per_ip`` is set, from an address with ``per_ip``), so one client cannot fill the
-    queue for everyone. Wraps the queue's ``push``: the refusal is Gradio's own "queue full"
-    answer (HTTP 503) with our message."""
+    queue for everyone. Wraps the queue's ``push``. The refusal takes the form of Gradio's input
+    validation answer (HTTP 422), the one form both the browser and gradio_client show in our
+    words (a "queue full" 503 reaches gradio_client only as "Queue is full! Please try again.")."""
     queue = blocks._queue
     push = queue.push
+
+    def refuse(message: str):
+        return False, [{"__type__": "validate", "is_valid": False, "message": message, "parameter_name": "request"}], \
+            "validator_error"
 
     async def limited(body: Any, request: Any, username: str | None):
         ip = _ip_of(request) if per_ip else None
         mine, from_ip = jobs_of(queue, body.session_hash, ip)
         if mine >= per_session:
             log.warning("refused a job from session %s: %d queued or running", body.session_hash, mine)
-            return False, (f"Too many requests at once: you have {mine} queued or running (the limit is "
-                           f"{per_session}); wait for one to finish."), "queue_full"
+            return refuse(f"Too many requests at once: you have {mine} queued or running (the limit is "
+                          f"{per_session}); wait for one to finish.")
         if per_ip and from_ip >= per_ip:
             log.warning("refused a job from %s: %d queued or running", ip, from_ip)
-            return False, (f"Too many requests from your address: {from_ip} queued or running (the limit is "
-                           f"{per_ip}); wait for one to finish."), "queue_full"
+            return refuse(f"Too many requests from your address: {from_ip} queued or running (the limit is "
+                          f"{per_ip}); wait for one to finish.")
         return await push(body, request, username)
 
     queue.push = limited
