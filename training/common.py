@@ -20,13 +20,16 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import json
 import logging
 import math
 import os
 import random
+import shutil
 import sys
 import time
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -40,8 +43,9 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from digit_core.config import FAIRSEQ_SPECIALS, ConfigError, DiGITConfig, fairseq_layout, our_layout, preset
+from digit_core.config import FAIRSEQ_SPECIALS, PRESETS, ConfigError, DiGITConfig, fairseq_layout, our_layout, preset
 from digit_core.pipeline import output_to_images, to_channels
+from digit_core.typecheck import check_value
 
 CHECKPOINT = "checkpoint.safetensors"
 STAGES = ("ssl", "features", "kmeans", "vqgan", "stage1", "stage2", "assemble")
@@ -84,19 +88,93 @@ class TrainConfig(RunConfig):
     ema: float = 0.0               # EMA decay of the weights; 0 = off
     ckpt_every: int = 500
     log_every: int = 20
+    fresh: bool = False            # start over: delete this stage's checkpoint and metrics instead of resuming
+    resume_unverified: bool = False  # resume a checkpoint that records no provenance (written before it was recorded)
 
 
-def _coerce(text: str, default: Any) -> Any:
-    """A command-line string as a value of the type of the field's default."""
-    kind = type(default)
-    if kind is bool:
-        if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
-            raise ConfigError(f"expected a boolean, got {text!r}")
-        return text.lower() in ("1", "true", "yes")
-    if kind in (int, float, str):
-        return kind(text)
-    value = json.loads(text)   # tuples, lists
-    return tuple(value) if kind is tuple else value
+# -- values: types from the hints, ranges and choices declared here ----------------------------------
+Rule = tuple[Callable[[Any], bool], str]   # (accepts the value, the allowed values in words)
+
+
+def at_least(low: float) -> Rule:
+    return (lambda v: v >= low), f">= {low}"
+
+
+def above(low: float) -> Rule:
+    return (lambda v: v > low), f"> {low}"
+
+
+def fraction(upper_open: bool = False) -> Rule:
+    return ((lambda v: 0 <= v < 1), "in [0, 1)") if upper_open else ((lambda v: 0 <= v <= 1), "in [0, 1]")
+
+
+def one_of(*choices: str) -> Rule:
+    return (lambda v: v in choices), "one of " + ", ".join(choices)
+
+
+def _data_spec(spec: str) -> bool:
+    """An image folder that exists, or ``fmnist[:split][@DIR]`` (DIR must exist); "" is unset."""
+    from digit_core.data import FMNIST_SPLITS
+    if not spec:
+        return True
+    if spec.startswith("fmnist"):
+        name, at, root = spec.partition("@")
+        split = name.partition(":")[2] or "train"
+        return name.partition(":")[0] == "fmnist" and split in FMNIST_SPLITS and (not at or Path(root).is_dir())
+    return Path(spec).is_dir()
+
+
+DATA_RULE: Rule = (_data_spec, "an existing image folder (<class>/<image> files) or fmnist[:train|fit|val|test][@DIR]")
+# Constraints by field name: every config class that has the field gets its rule, the stages'
+# own (SSLConfig included) as well as the shared ones. A class may add ``rules: ClassVar[dict]``.
+RULES: dict[str, Rule] = {
+    "data": DATA_RULE, "val_data": DATA_RULE,
+    "model": (lambda v: v in PRESETS or (v.endswith(".json") and Path(v).is_file()),
+              f"a preset ({', '.join(PRESETS)}) or an existing config.json"),
+    "device": one_of("auto", "cpu", "cuda"),
+    "batch_size": at_least(1), "workers": at_least(0), "codebook_size": at_least(0),
+    "steps": at_least(1), "lr": above(0), "min_lr": at_least(0), "warmup": at_least(0),
+    "schedule": one_of("inverse_sqrt", "cosine", "constant"),
+    "weight_decay": at_least(0), "beta1": fraction(upper_open=True), "beta2": fraction(upper_open=True),
+    "grad_clip": at_least(0), "ema": fraction(upper_open=True),
+    "ckpt_every": at_least(1), "log_every": at_least(1), "eval_every": at_least(1), "eval_batches": at_least(1),
+    "eval_images": at_least(1), "probe_every": at_least(0), "label_smoothing": fraction(upper_open=True),
+    "fraction": (lambda v: 0 < v <= 1, "in (0, 1]"), "heldout_fraction": fraction(), "patches_per_image": at_least(0),
+    "dtype": one_of("float16", "float32"), "niter": at_least(1), "max_points_per_centroid": at_least(1),
+    "perceptual": one_of("random", "encoder", "none"), "adv_start": at_least(0), "reset_every": at_least(0),
+    "disc_width": at_least(4),
+}
+
+
+def _coerce(text: str, hint: Any, key: str) -> Any:
+    """A command-line string (or a string in a config file) as a value of the field's type."""
+    try:
+        if hint is bool:
+            if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError
+            return text.lower() in ("1", "true", "yes")
+        if hint in (int, float, str):
+            return hint(text)
+        return json.loads(text)   # tuples, lists
+    except ValueError:
+        kind = {bool: "true or false", int: "an integer", float: "a number"}.get(hint, f"JSON for {hint}")
+        raise ConfigError(f"{key}: expected {kind}, got {text!r}") from None
+
+
+def check_field(cls: type, key: str, value: Any) -> Any:
+    """``value`` checked against the type hint of ``cls.key`` and the rule for ``key``; a string
+    for a non-string field is parsed as on the command line. Raise ConfigError naming the key."""
+    hint = typing.get_type_hints(cls)[key]
+    if isinstance(value, str) and hint is not str:
+        value = _coerce(value, hint, key)
+    try:
+        value = check_value(value, hint, key)
+    except TypeError as err:
+        raise ConfigError(str(err)) from None
+    accepts, allowed = (RULES | getattr(cls, "rules", {})).get(key, (None, ""))
+    if accepts is not None and not accepts(value):
+        raise ConfigError(f"{key} must be {allowed}, got {value!r}")
+    return value
 
 
 def config_help(cls: type) -> str:
@@ -117,38 +195,64 @@ def config_help(cls: type) -> str:
 
 
 def parse_config(cls: type, argv: list[str] | None = None) -> Any:
-    """``cls`` from ``--config FILE`` (JSON or YAML) then ``--key=value`` overrides.
+    """``cls`` from ``--config FILE`` (JSON or YAML) then ``--key=value`` overrides, every value
+    checked (type, range, choices; see ``check_field``) before any data is touched.
 
     A file holds shared keys (``RunConfig`` fields) at the top level and stage-specific keys in
     a section named after the stage (``stage1: {steps: ...}``), so one file drives a whole chain.
+    Without ``argv`` this is a command line: user errors (ConfigError, a missing file) then end
+    the process with one line instead of a traceback.
     """
-    argv = sys.argv[1:] if argv is None else argv
+    if argv is None:
+        sys.excepthook = _one_line_user_errors
+        argv = sys.argv[1:]
     if "-h" in argv or "--help" in argv:
         print(config_help(cls))
         sys.exit(0)
-    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
-    fields = set(defaults)
+    fields = {f.name for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
+    where: dict[str, str] = {}
     rest = []
     i = 0
     while i < len(argv):
         a = argv[i]
         if a == "--config" or a.startswith("--config="):
-            path = a.partition("=")[2] or argv[(i := i + 1)]
-            values.update(_read_config_file(Path(path), getattr(cls, "stage", ""), fields))
+            path = a.partition("=")[2] or (argv[i + 1] if i + 1 < len(argv) else "")
+            i += 0 if "=" in a else 1
+            if not path:
+                raise ConfigError("--config needs a file: --config FILE")
+            read = _read_config_file(Path(path), getattr(cls, "stage", ""), fields)
+            values.update(read)
+            where.update(dict.fromkeys(read, f"{path}: "))
         else:
             rest.append(a)
         i += 1
     for a in rest:
         key, eq, text = a.removeprefix("--").partition("=")
         key = key.replace("-", "_")
+        if a.startswith("--") and not eq and key in fields and typing.get_type_hints(cls)[key] is bool:
+            eq, text = "=", "true"    # --fresh is --fresh=true
         if not a.startswith("--") or not eq:
             raise ConfigError(f"arguments are --key=value, got {a!r}")
         if key not in fields:
             raise ConfigError(f"{cls.__name__} has no field {key!r}; fields: {sorted(fields)}")
-        values[key] = _coerce(text, defaults[key])
-    values = {k: tuple(v) if isinstance(defaults[k], tuple) else v for k, v in values.items()}
-    return cls(**values)
+        values[key], where[key] = text, ""
+    checked = {}
+    for k, v in values.items():
+        try:
+            checked[k] = check_field(cls, k, v)
+        except ConfigError as err:
+            raise ConfigError(f"{where[k]}{err}") from None
+    return cls(**checked)
+
+
+def _one_line_user_errors(kind: type, err: BaseException, tb: Any) -> None:
+    """``sys.excepthook`` of the stage CLIs: a user error (a bad value, a missing file) is one
+    line on stderr; anything else keeps its traceback."""
+    if issubclass(kind, (ConfigError, FileNotFoundError)):
+        print(f"error: {err}", file=sys.stderr)
+    else:
+        sys.__excepthook__(kind, err, tb)
 
 
 def _load_recipe(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -222,6 +326,8 @@ def model_config(cfg: RunConfig, class_names: list[str]) -> DiGITConfig:
 def load_data(cfg: RunConfig, spec: str, train: bool = True) -> tuple[Dataset, DiGITConfig]:
     """The dataset ``spec`` at the model's image size and channels, and the model config with its classes."""
     from digit_core.data import build_dataset
+    if not spec:
+        raise ConfigError(f"{cfg.stage} needs data: --data=DIR (an image folder) or --data=fmnist")
     base = DiGITConfig.load(cfg.model) if cfg.model.endswith(".json") else preset(cfg.model)
     data = build_dataset(spec, base.image_size, base.channels, train=train)
     return data, model_config(cfg, data.classes)
@@ -257,6 +363,8 @@ class Dist:
 def init_dist(device: str = "auto") -> Dist:
     """One process, or the process group torchrun describes in its environment variables."""
     world, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but torch sees no CUDA GPU here; use device=auto or device=cpu")
     cuda = torch.cuda.is_available() and device in ("auto", "cuda")
     dev = torch.device(f"cuda:{local}" if cuda else "cpu")
     if cuda:
@@ -314,10 +422,74 @@ def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
         return {k: f.get_tensor(k) for k in f.keys()}, meta
 
 
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """The JSON metadata of a file ``atomic_save`` wrote, without reading its tensors."""
+    with safe_open(str(path), "pt") as f:
+        return json.loads((f.metadata() or {}).get("json", "{}"))
+
+
 def require(path: Path, what: str) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run the {what} stage first (or set its path)")
     return path
+
+
+# -- provenance: what produced a checkpoint or a cache -----------------------------------------------
+# The config fields that change what a stage trains (beside its data and input files); others,
+# such as steps or lr, may change between a run and its resumption.
+IDENTITY_FIELDS = ("model", "conditional", "codebook_size", "tokens", "objective")
+
+
+class StaleRunError(ConfigError):
+    """A checkpoint made from other data, input files or settings than the run resuming it."""
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of an input file (an upstream stage's product)."""
+    from digit_core.runtime import sha256
+    return sha256(Path(path))
+
+
+def as_json(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples become lists), so records compare equal."""
+    return json.loads(json.dumps(value))
+
+
+def data_identity(dataset: Dataset) -> dict[str, Any]:
+    """What a dataset holds, cheaply: rows, classes, how items are made, and a content
+    fingerprint (a token cache: every token; Fashion-MNIST: every pixel; an image folder: every
+    file's name and size plus the bytes of 16 of them; anything else: 16 of its items)."""
+    h, n = hashlib.sha256(), len(dataset)
+    picks = np.linspace(0, n - 1, min(n, 16)).astype(int) if n else []
+    if isinstance(dataset, TokenDataset):
+        for t in dataset.tensors:
+            h.update(t.contiguous().numpy().tobytes())
+    elif isinstance(getattr(dataset, "images", None), np.ndarray):
+        h.update(dataset.images.tobytes())
+        h.update(np.asarray(dataset.targets).tobytes())
+    elif hasattr(dataset, "samples") and hasattr(dataset, "root"):
+        for path, label in dataset.samples:
+            h.update(f"{Path(path).relative_to(dataset.root)}\0{label}\0{os.path.getsize(path)}\n".encode())
+        for i in picks:
+            h.update(Path(dataset.samples[i][0]).read_bytes())
+    else:
+        for i in picks:
+            h.update(np.ascontiguousarray(np.asarray(dataset[int(i)][0])).tobytes())
+    classes = getattr(dataset, "classes", None)
+    made = {k: getattr(dataset, k) for k in ("image_size", "pad", "channels", "train", "flip") if hasattr(dataset, k)}
+    return as_json({"rows": n, "classes": list(classes) if classes else None, "items": made,
+                    "fingerprint": h.hexdigest()[:16]})
+
+
+def differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every leaf where two records differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new), key=str)
+                for d in differences(old.get(k), new.get(k), f"{prefix}.{k}" if prefix else str(k))]
+    if old == new:
+        return []
+    short = (lambda v: f"{json.dumps(v)[:60]}{'...' if len(json.dumps(v)) > 60 else ''}")
+    return [f"{prefix or 'record'}: {short(old)} -> {short(new)}"]
 
 
 # -- EMA -----------------------------------------------------------------------------------------------
@@ -356,21 +528,21 @@ class Trainer:
         torch.manual_seed(cfg.seed + self.d.rank)
         self.log_file = logging.getLogger(f"digit.{cfg.stage}")
         self.log_file.setLevel(logging.INFO)
-        self.tb = None
+        self.tb: Any = None            # opened at the first record: --fresh may remove the old logs first
+        # What this run's products are made from; checkpoints and artifacts record it, and a
+        # checkpoint is resumed only by a run with the same record (see verify).
+        self.provenance: dict[str, Any] = {"config": {k: getattr(cfg, k) for k in IDENTITY_FIELDS if hasattr(cfg, k)},
+                                           "inputs": {}}
+        self._resumed: dict[str, Any] | None = None   # the metadata of the checkpoint resume() loaded
+        self._verified = False
         if self.d.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
             for h in list(self.log_file.handlers):   # a second run in this process logs to its own dir
                 self.log_file.removeHandler(h)
                 h.close()
             h = logging.FileHandler(self.run_dir / "train.log")
             h.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
             self.log_file.addHandler(h)
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(str(self.run_dir / "tb"))
-            except ImportError:  # TensorBoard is optional; metrics.jsonl always exists
-                pass
         barrier()
         self.info(f"{cfg.stage}: rank {self.d.rank}/{self.d.world} on {self.device}, run dir {self.run_dir}")
 
@@ -387,7 +559,13 @@ class Trainer:
         row = {"step": self.step, "time": round(time.time(), 3)} | {k: _plain(v) for k, v in metrics.items()}
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
-        if self.tb is not None:
+        if self.tb is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(self.run_dir / "tb"))
+            except ImportError:  # TensorBoard is optional; metrics.jsonl always exists
+                self.tb = False
+        if self.tb:
             for k, v in row.items():
                 if isinstance(v, (int, float)) and k not in ("step", "time"):
                     self.tb.add_scalar(k, v, self.step)
@@ -416,6 +594,53 @@ class Trainer:
             wrapped = nn.parallel.DistributedDataParallel(module, device_ids=ids)
         self.wrapped[name] = wrapped
         return wrapped
+
+    def depends(self, **inputs: str) -> None:
+        """Record input files by name -> sha256 (an encoder, a codebook): part of the provenance."""
+        self.provenance["inputs"].update(inputs)
+
+    def verify(self, data: Dataset | None = None) -> None:
+        """Complete the provenance with ``data``'s identity and hold a resumed checkpoint to it:
+        a checkpoint made from other data, input files or identity fields is refused (StaleRunError
+        saying what changed and how to start over), as is one with no record unless
+        ``resume_unverified``. Then ``train_config.json`` is written: only a run whose record
+        holds may claim the run directory. ``batches`` and ``loop`` call this."""
+        if self._verified:
+            return
+        if data is not None:
+            self.provenance["data"] = data_identity(data)
+        self.provenance = as_json(self.provenance)
+        if self._resumed is not None:
+            path, old = self.run_dir / CHECKPOINT, self._resumed.get("provenance")
+            start_over = (f"rerun with --fresh to start this stage over (it deletes {path.name} and the metrics), "
+                          f"or use another --root")
+            if old is None and not getattr(self.cfg, "resume_unverified", False):
+                raise StaleRunError(f"cannot resume {path}: it records no provenance (written before DiGIT Studio "
+                                    f"recorded what a checkpoint was trained on), so it cannot be checked against "
+                                    f"this run's data and inputs; {start_over}, or pass --resume_unverified if you "
+                                    "know it was trained on exactly this run's data and inputs")
+            if old is None:
+                self.info(f"resuming {path} without a provenance record (--resume_unverified); from now on it "
+                          "records this run's")
+            else:
+                changed = differences({k: old.get(k) for k in self.provenance}, self.provenance)
+                if changed:
+                    was = (self._resumed.get("config") or {}).get("data")
+                    note = f" (it was trained with data={was!r}, this run has {self.cfg.data!r})" if was != self.cfg.data else ""
+                    raise StaleRunError(f"cannot resume {path}: it was made from other data, inputs or settings than "
+                                        f"this run{note}: {'; '.join(changed)}. To train on what this run names, "
+                                        f"{start_over}")
+            before = {k: v for k, v in (self._resumed.get("config") or {}).items()
+                      if v != as_json(dataclasses.asdict(self.cfg)).get(k)}
+            if before:
+                self.info("resuming with changed settings: " + ", ".join(
+                    f"{k} {v!r} -> {getattr(self.cfg, k)!r}" for k, v in before.items() if hasattr(self.cfg, k)))
+        self._write_config()
+        self._verified = True
+
+    def _write_config(self) -> None:
+        if self.d.main:
+            (self.run_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(self.cfg), indent=2))
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16)
@@ -451,11 +676,17 @@ class Trainer:
 
     # -- data -----------------------------------------------------------------------------------------------
     def batches(self, dataset: Dataset, shuffle: bool = True) -> Iterator[Any]:
-        """Endless batches of this rank's shard; starts where ``self.step`` says (after a resume)."""
+        """Endless batches of this rank's shard; starts where ``self.step`` says (after a resume).
+        Checks a resumed checkpoint against ``dataset`` first (``verify``)."""
+        self.verify(dataset)
         sampler = ResumableSampler(dataset, self.d, self.cfg.seed, shuffle)
         per_epoch = len(sampler) // self.cfg.batch_size
         if per_epoch == 0:
-            raise ValueError(f"{len(dataset)} images are fewer than one batch of {self.cfg.batch_size} x {self.d.world} ranks")
+            raise ConfigError(f"{len(dataset)} rows are fewer than one batch of batch_size={self.cfg.batch_size} "
+                              f"x {self.d.world} ranks")
+        return self._batches(dataset, sampler, per_epoch)
+
+    def _batches(self, dataset: Dataset, sampler: ResumableSampler, per_epoch: int) -> Iterator[Any]:
         epoch, skip = divmod(self.step, per_epoch)
         while True:
             sampler.set_epoch(epoch)
@@ -473,6 +704,7 @@ class Trainer:
     def loop(self) -> Iterator[int]:
         """Steps from the resumed one to ``cfg.steps``; logs, checkpoints every ``ckpt_every`` and at the end."""
         cfg = self.cfg
+        self.verify()
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.d.main, desc=cfg.stage, dynamic_ncols=True)
         self._t_log = time.perf_counter()
         while self.step < cfg.steps:
@@ -520,7 +752,8 @@ class Trainer:
         if not self.d.main:
             return
         tensors: dict[str, torch.Tensor] = {}
-        meta: dict[str, Any] = {"step": self.step, "optims": {}, "rng": []}
+        meta: dict[str, Any] = {"step": self.step, "optims": {}, "rng": [], "provenance": self.provenance,
+                                "config": dataclasses.asdict(self.cfg)}
         for name, m in self.modules.items():
             tensors |= {f"model.{name}.{k}": v for k, v in m.state_dict().items()}
         for name, e in self.emas.items():
@@ -542,11 +775,22 @@ class Trainer:
         atomic_save(tensors, self.run_dir / CHECKPOINT, meta)
 
     def resume(self) -> bool:
-        """Load ``<run>/checkpoint.safetensors`` when there is one; returns whether it did."""
+        """Load ``<run>/checkpoint.safetensors`` when there is one; returns whether it did. With
+        ``fresh``, delete it and the run's metrics instead. ``verify`` (which ``batches`` and
+        ``loop`` call) then refuses the checkpoint if it was made from other data or inputs."""
         path = self.run_dir / CHECKPOINT
+        if getattr(self.cfg, "fresh", False):
+            if self.d.main:
+                for f in (path, self.run_dir / "metrics.jsonl"):
+                    f.unlink(missing_ok=True)
+                shutil.rmtree(self.run_dir / "tb", ignore_errors=True)
+                self.info(f"--fresh: starting {self.cfg.stage} over (removed its checkpoint and metrics)")
+            barrier()
+            return False
         if not path.exists():
             return False
         tensors, meta = load_tensors(path)
+        self._resumed = meta
         for name, m in self.modules.items():
             m.load_state_dict(_sub(tensors, f"model.{name}."))
         for name, e in self.emas.items():
@@ -582,13 +826,15 @@ class Trainer:
         """A stage's product (e.g. ``encoder.safetensors``) beside its checkpoint."""
         path = self.run_dir / f"{name}.safetensors"
         if self.d.main:
-            atomic_save(tensors, path, meta)
+            atomic_save(tensors, path, (meta or {}) | {"provenance": self.provenance})
             self.info(f"wrote {path}")
         barrier()
         return path
 
     def finish(self) -> None:
-        if self.tb is not None:
+        if not self._verified:   # a stage without a training loop claims the run dir once it is done
+            self._write_config()
+        if self.tb:
             self.tb.close()
         if dist.is_initialized():
             self.check_replicas()
@@ -664,20 +910,36 @@ class TokenDataset(Dataset):
         return [t[i].long() for t in self.tensors]
 
 
+@dataclass
+class Tokenizer:
+    """A frozen tokenizer: ``fn(images [B, C, H, W] in [0, 1]) -> ids [B, ...]`` and what
+    identifies it (its files' sha256 and its config), which keys the token caches."""
+
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    identity: dict[str, Any]
+
+
 @torch.no_grad()
-def token_cache(tr: Trainer, dataset: Dataset, name: str, tokenizers: dict[str, Any], flip: bool) -> dict[str, torch.Tensor]:
+def token_cache(tr: Trainer, dataset: Dataset, name: str, tokenizers: dict[str, Tokenizer], flip: bool) -> dict[str, torch.Tensor]:
     """Tokenize ``dataset`` once (and its mirror images when ``flip``) into ``<run>/<name>.safetensors``.
 
-    ``tokenizers`` maps a key to ``f(images [B, C, H, W] in [0, 1]) -> ids [B, ...]``. Each rank
-    tokenizes a strided shard and writes it; rank 0 merges. Rows: ``label`` plus one per key.
-    Runs in fp32, as the exported tokenizer does, so the training tokens are the app's tokens.
+    Each rank tokenizes a strided shard and writes it; rank 0 merges. Rows: ``label`` plus one
+    per key of ``tokenizers``. Runs in fp32, as the exported tokenizer does, so the training
+    tokens are the app's tokens. The cache (and each shard) records its key - the data's
+    identity, the tokenizers' and ``flip`` - and is rebuilt when this run's key differs.
     """
+    key = as_json({"data": data_identity(dataset), "tokenizers": {k: t.identity for k, t in tokenizers.items()},
+                   "flip": flip})
     path = tr.run_dir / f"{name}.safetensors"
     if path.exists():
-        return load_tensors(path)[0]
+        old = read_meta(path).get("key")
+        if old == key:
+            return load_tensors(path)[0]
+        tr.info(f"{path} was made from other data or tokenizers "
+                f"({'; '.join(differences(old, key)) if old else 'it records none'}): rebuilding it")
     r, w = tr.d.rank, tr.d.world
     shard = tr.run_dir / f"{name}.rank{r}-of-{w}.safetensors"
-    if not shard.exists():
+    if not shard.exists() or read_meta(shard).get("key") != key:
         loader = DataLoader(torch.utils.data.Subset(dataset, range(r, len(dataset), w)), tr.cfg.batch_size,
                             num_workers=tr.cfg.workers)
         out: dict[str, list[torch.Tensor]] = {k: [] for k in ("label", *tokenizers)}
@@ -685,15 +947,15 @@ def token_cache(tr: Trainer, dataset: Dataset, name: str, tokenizers: dict[str, 
             x = x.to(tr.device)
             for v in ((x, x.flip(-1)) if flip else (x,)):
                 out["label"].append(y)
-                for k, f in tokenizers.items():
-                    ids = f(v).flatten(1).cpu()
+                for k, t in tokenizers.items():
+                    ids = t.fn(v).flatten(1).cpu()
                     out[k].append(ids.to(torch.int16 if ids.max() < 2 ** 15 else torch.int32))
-        atomic_save({k: torch.cat(v) for k, v in out.items()}, shard)
+        atomic_save({k: torch.cat(v) for k, v in out.items()}, shard, {"key": key})
     barrier()
     if tr.d.main:
         parts = [tr.run_dir / f"{name}.rank{i}-of-{w}.safetensors" for i in range(w)]
         loaded = [load_tensors(p)[0] for p in parts]
-        atomic_save({k: torch.cat([t[k] for t in loaded]) for k in loaded[0]}, path)
+        atomic_save({k: torch.cat([t[k] for t in loaded]) for k in loaded[0]}, path, {"key": key})
         for p in parts:
             p.unlink()
         skipped = getattr(dataset, "skipped", 0)
@@ -703,20 +965,26 @@ def token_cache(tr: Trainer, dataset: Dataset, name: str, tokenizers: dict[str, 
     return load_tensors(path)[0]
 
 
-def disc_tokenizer(tr: Trainer, mcfg: DiGITConfig, encoder_path: str | Path, codebook_path: str | Path) -> Any:
-    """``f(images [B, C, H, W] in [0, 1]) -> cluster ids`` of the frozen encoder + codebook."""
+def disc_tokenizer(tr: Trainer, mcfg: DiGITConfig, encoder_path: str | Path, codebook_path: str | Path) -> Tokenizer:
+    """The frozen encoder + codebook's cluster ids; records both files in the run's provenance."""
     encoder = load_encoder(mcfg, encoder_path).to(tr.device)
     codebook = load_codebook(codebook_path).to(tr.device)
-    return lambda x: codebook.assign(encoder.features(to_channels(x, mcfg.encoder.in_chans)))[0]
+    files = {"encoder": file_digest(encoder_path), "codebook": file_digest(codebook_path)}
+    tr.depends(**files)
+    return Tokenizer(lambda x: codebook.assign(encoder.features(to_channels(x, mcfg.encoder.in_chans)))[0],
+                     files | {"encoder_config": dataclasses.asdict(mcfg.encoder)})
 
 
-def vq_tokenizer(tr: Trainer, mcfg: DiGITConfig, path: str | Path) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``f(images [B, C, H, W] in [0, 1]) -> VQ ids`` of the frozen VQGAN encoder."""
+def vq_tokenizer(tr: Trainer, mcfg: DiGITConfig, path: str | Path) -> Tokenizer:
+    """The frozen VQGAN encoder's ids; records its file in the run's provenance."""
     vqgan = load_vqgan(mcfg, path).to(tr.device)
-    return lambda x: vqgan.encode(to_channels(x, mcfg.vqgan.in_channels))
+    files = {"vqgan": file_digest(path)}
+    tr.depends(**files)
+    return Tokenizer(lambda x: vqgan.encode(to_channels(x, mcfg.vqgan.in_channels)),
+                     files | {"vqgan_config": dataclasses.asdict(mcfg.vqgan)})
 
 
-def token_datasets(tr: Trainer, cfg: Any, data: Dataset, tokenizers: dict[str, Any],
+def token_datasets(tr: Trainer, cfg: Any, data: Dataset, tokenizers: dict[str, Tokenizer],
                    keys: tuple[str, ...]) -> tuple[TokenDataset, TokenDataset | None]:
     """The training token cache (mirrors included when ``cfg.flip``) and, when ``cfg.val_data``
     names a split, the held-out one."""

@@ -4,13 +4,16 @@ As the official fit: the feature block's output (with the final LayerNorm when t
 says so) for every patch of ``fraction`` (10%) of the training images, centre-cropped. A second,
 disjoint sample (``heldout_fraction``) is dumped for the codebook's usage report. Each rank
 writes its own shard, ``<root>/features/{fit,heldout}.rank<r>-of-<w>.npy``; the kmeans stage
-reads them all. A finished shard is skipped when the stage is rerun.
+reads them all. A finished shard is skipped when the stage is rerun, unless its record
+(``<shard>.json``: data, encoder, sample settings) differs from this run's: then it is rebuilt.
 
     python -m training.features --config training/fmnist.yaml [--fraction=0.1]
     torchrun --nproc_per_node=8 -m training.features --config ... --model=imagenet-base
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -21,7 +24,8 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from training.common import RunConfig, Trainer, load_data, load_encoder, parse_config, to_channels
+from training.common import (RunConfig, Trainer, as_json, data_identity, differences, file_digest, load_data, load_encoder,
+                             parse_config, to_channels)
 
 
 @dataclass
@@ -45,11 +49,22 @@ def main(argv: list[str] | None = None) -> None:
     n_held = max(1, math.ceil(cfg.heldout_fraction * len(data)))
     samples = {"fit": order[:n_fit], "heldout": order[n_fit: n_fit + n_held]}
     patch_rng = torch.Generator().manual_seed(cfg.seed + tr.d.rank)
+    # What a shard is made from; a shard whose record differs (other data, encoder or sample) is rebuilt.
+    key = as_json({"data": data_identity(data), "encoder": file_digest(cfg.input(cfg.encoder, "ssl/encoder.safetensors")),
+                   "encoder_config": dataclasses.asdict(mcfg.encoder), "seed": cfg.seed, "fraction": cfg.fraction,
+                   "heldout_fraction": cfg.heldout_fraction, "patches_per_image": cfg.patches_per_image,
+                   "dtype": cfg.dtype})
     for name, idx in samples.items():
         path = tr.run_dir / f"{name}.rank{tr.d.rank}-of-{tr.d.world}.npy"
+        record = path.with_suffix(".json")
         if path.exists():
-            tr.info(f"{path} exists, skipping")
-            continue
+            old = json.loads(record.read_text()) if record.is_file() else None
+            if old == key:
+                tr.info(f"{path} exists, skipping")
+                continue
+            tr.info(f"{path} was made from other data, encoder or settings "
+                    f"({'; '.join(differences(old, key)) if old else 'it records none'}): rebuilding it")
+            record.unlink(missing_ok=True)
         idx = idx[tr.d.rank:: tr.d.world]
         loader = DataLoader(Subset(data, idx.tolist()), cfg.batch_size, num_workers=cfg.workers)
         n = mcfg.disc_grid ** 2
@@ -68,6 +83,7 @@ def main(argv: list[str] | None = None) -> None:
         out.flush()
         del out
         os.replace(tmp, path)   # a kill mid-dump leaves no shard that looks finished
+        record.write_text(json.dumps(key, indent=2))
         tr.info(f"wrote {path}: {len(idx)} images x {per} patches")
     skipped = getattr(data, "skipped", 0)
     if skipped:

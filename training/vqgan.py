@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from digit_core.codebook import usage_stats
 from digit_core.vqgan import VQGAN
-from training.common import TrainConfig, Trainer, load_data, load_encoder, parse_config, to_channels
+from training.common import TrainConfig, Trainer, file_digest, load_data, load_encoder, parse_config, to_channels
 
 
 @dataclass
@@ -107,7 +107,9 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.perceptual == "random":
         perc = RandomFeatures(vc.out_channels, cfg.seed).to(tr.device)
     elif cfg.perceptual == "encoder":
-        enc = load_encoder(mcfg, cfg.input(cfg.encoder, "ssl/encoder.safetensors")).to(tr.device)
+        enc_path = cfg.input(cfg.encoder, "ssl/encoder.safetensors")
+        enc = load_encoder(mcfg, enc_path).to(tr.device)
+        tr.depends(perceptual_encoder=file_digest(enc_path))   # a resumed run must use the same one
         perc = lambda a, b: F.mse_loss(*(enc.features(to_channels(v, mcfg.encoder.in_chans)) for v in (a, b)))
     else:
         perc = None
