@@ -167,10 +167,9 @@ def read_verified(path: Path, man: dict[str, Any], name: str) -> bytes:
 def read_config(path: Path, man: dict[str, Any]) -> DiGITConfig:
     """The bundle's verified ``config.json`` as a checked DiGITConfig, or BundleError naming it."""
     cpath = Path(path) / "config.json"
-    raw = read_verified(path, man, "config.json")
-    if len(raw) > MAX_JSON_BYTES:
+    if man["files"]["config.json"]["size"] > MAX_JSON_BYTES:   # refused before it is read
         raise BundleError(f"{cpath}: larger than {MAX_JSON_BYTES >> 20} MiB; not a bundle file")
-    d = _json(cpath, raw)
+    d = _json(cpath, read_verified(path, man, "config.json"))
     try:
         cfg = DiGITConfig.from_dict(d)
         check_dataclass(cfg)

@@ -93,6 +93,7 @@ def test_malformed_config_json_listed_with_its_hash(b: Path) -> None:
         (json.dumps({**good, "stage1": "x"}).encode(), "config.json: Stage1Config: expected an object"),
         (json.dumps({**good, "vqgan": {**good["vqgan"], "bogus": 1}}).encode(), r"config.json: VQGANConfig: unknown keys \['bogus'\]"),
         (json.dumps([good]).encode(), "config.json: DiGITConfig: expected an object"),
+        (json.dumps(good).encode() + b" " * MAX_JSON_BYTES, "config.json: larger than 4 MiB"),
     ]
     for content, match in cases:
         _replace(b, "config.json", content)
