@@ -20,11 +20,8 @@ import atexit
 import logging
 import os
 import sys
-from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")   # no usage reports unless --analytics
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))   # `python /elsewhere/app.py` finds the packages
 
 import gradio as gr
 from starlette.middleware import Middleware
