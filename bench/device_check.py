@@ -3,8 +3,8 @@
     python -m bench.device_check --out DIR [--steps 32]
     python -m bench.device_check --dry-run --out DIR     # the same script on the CPU, tiny preset
 
-Needs only PyTorch, timm, numpy, safetensors, onnx and pillow (+ pytest); onnxruntime and faiss
-are optional and their checks are skipped, with the reason, when absent. Writes
+Needs only PyTorch, timm, numpy, safetensors, onnx and pillow, plus pytest for part 1 (without
+it that part records why and the others run); onnxruntime and faiss are optional and their checks are skipped, with the reason, when absent. Writes
 ``DIR/device_check.json`` and ``DIR/device_check.md``. Parts, each recorded on its own (a failing
 part records its error and the others still run):
 
@@ -25,6 +25,7 @@ test suite runs.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -66,6 +67,9 @@ def environment() -> dict[str, Any]:
 # -- 1. the CUDA-marked tests ------------------------------------------------------------------------------
 def run_tests(out: Path, device: str, timeout: int) -> dict[str, Any]:
     """``pytest -m cuda`` on tests/test_cuda.py; every test's outcome and message from its JUnit XML."""
+    if importlib.util.find_spec("pytest") is None:
+        raise RuntimeError("pytest is not installed, so the CUDA-marked tests cannot run: pip install pytest "
+                           "(or its wheel, offline); the other parts run without it")
     xml = out / "junit.xml"
     env = os.environ | {"PYTHONPATH": str(REPO)}
     if device == "cpu":
