@@ -34,34 +34,42 @@ class Registry:
     """Opened bundles by name, shared by every user (read-only models; no per-request state).
 
     A name is ``exported/<folder>`` for every bundle in the project's ``exported/``, plus the
-    ``--model`` path as the operator gave it; clients may open only these names."""
+    ``--model`` folder's own name when it lies elsewhere; clients may open only these."""
 
     def __init__(self, default: str, device: str, threads: int | None) -> None:
         self.default, self.device, self.threads = str(default), device, threads
         self._models: dict[str, demo.Model] = {}
         self._lock = threading.Lock()
 
-    def paths(self) -> dict[str, Path]:
-        found = {f"exported/{Path(p).name}": Path(p) for p in demo.list_bundles()}
+    def _default_path(self) -> Path:
         default = Path(self.default)
         if not default.is_absolute() and not default.exists():   # "exported/NAME": from the project
             default = demo.PROJECT / default
-        same = [k for k, p in found.items() if p.resolve() == default.resolve()]
-        return found | ({} if same else {self.default: default})
+        return default
+
+    def paths(self) -> dict[str, Path]:
+        """Name -> folder of every bundle clients may open. The ``--model`` folder, when it is not
+        in ``exported/``, is named by its last part: the selector shows no server directories."""
+        found = {f"exported/{Path(p).name}": Path(p) for p in demo.list_bundles()}
+        default = self._default_path()
+        if any(p.resolve() == default.resolve() for p in found.values()):
+            return found
+        return found | {default.name or "model": default}
 
     def choices(self) -> list[str]:
         return sorted(self.paths())
 
     def key(self, name: str | None) -> str:
-        """The registry name of ``name`` (None: the default model)."""
+        """The registry name of ``name``: a listed name, a listed folder given as a path, or None
+        for the default model."""
         paths = self.paths()
-        name = str(name or self.default)
         if name in paths:
             return name
-        for k, p in paths.items():   # a listed bundle named another way (absolute, ./...)
-            if Path(name).resolve() == p.resolve():
+        target = self._default_path() if not name else Path(str(name))
+        for k, p in paths.items():
+            if target.resolve() == p.resolve():
                 return k
-        raise ValueError(f"unknown model {name!r:.80}; choose one of {sorted(paths)}")
+        raise ValueError(f"unknown model {str(name)!r:.80}; choose one of {sorted(paths)}")
 
     def get(self, name: str | None) -> demo.Model:
         key = self.key(name)
@@ -69,7 +77,7 @@ class Registry:
             if key not in self._models:
                 path = self.paths()[key]
                 if not (path / "manifest.json").is_file():
-                    raise demo.ModelMissing(demo.missing_message(key))
+                    raise demo.ModelMissing(demo.missing_message(path))
                 self._models[key] = demo.Model(path, load_bundle(path, device=self.device, threads=self.threads))
             return self._models[key]
 
