@@ -72,9 +72,9 @@ def _start(bundle: Path, cache: Path, *flags: str, cwd: Path = ROOT):
             if "ready on" in line:
                 ready.set()
     threading.Thread(target=drain, daemon=True).start()
-    if not ready.wait(240):
+    if not ready.wait(600):
         _stop(proc)
-        pytest.fail("app.py did not start in 240 s:\n" + "".join(lines))
+        pytest.fail("app.py did not start in 600 s:\n" + "".join(lines))
     return proc, f"http://127.0.0.1:{port}/", lines
 
 
