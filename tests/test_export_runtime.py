@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from digit_core.config import tiny
+from digit_core.config import SamplingConfig, tiny
 from digit_core.export import export_bundle
 from digit_core.pipeline import DiGIT
 from digit_core.runtime import Bundle, BundleError, load_bundle
@@ -94,6 +94,34 @@ def test_same_tokens_as_pytorch(model: DiGIT, bundle: Bundle) -> None:
     b = model.complete_detailed(img, keep_rows=2, n=3, class_id=1, seed=0)
     assert np.array_equal(a.disc_tokens, b.disc_tokens) and np.array_equal(a.vq_tokens, b.vq_tokens)
     assert np.abs(a.images.astype(int) - b.images).max() <= 1
+
+
+def test_both_backends_take_the_same_defaults(model: DiGIT, bundle: Bundle, monkeypatch) -> None:
+    # the runtime reads its config.json's "sampling"; set non-trivial defaults on both configs
+    tuned = SamplingConfig(temperature=0.9, top_k=6, top_p=0.95, cfg=2.0, stage2_top_k=8, stage2_top_p=0.9)
+    for m in (model, bundle):
+        monkeypatch.setattr(m.config, "sampling", tuned)
+    a, b = bundle.generate([0, 2, 1], seed=5), model.generate([0, 2, 1], seed=5)
+    assert a.settings == b.settings == bundle.sampling_settings()
+    assert (a.settings.top_k, a.settings.cfg, a.settings.stage2_top_k) == (6, 2.0, 8)
+    assert np.array_equal(a.disc_tokens, b.disc_tokens) and np.array_equal(a.vq_tokens, b.vq_tokens)
+    off = bundle.generate([0, 2, 1], seed=5, top_k=0, top_p=1, cfg=1)
+    assert (off.settings.top_k, off.settings.top_p, off.settings.cfg) == (0, 1.0, 1.0)
+    assert np.array_equal(off.disc_tokens, model.generate([0, 2, 1], seed=5, top_k=0, top_p=1, cfg=1).disc_tokens)
+
+
+def test_runtime_refuses_bad_numbers_before_running_a_graph(bundle: Bundle, monkeypatch) -> None:
+    ran: list[str] = []
+    monkeypatch.setattr(bundle, "sessions", {g: None for g in bundle.sessions})   # any graph run would fail
+    for op in ("encode_disc", "open_stage1"):
+        monkeypatch.setattr(bundle, op, lambda *a, op=op: ran.append(op))
+    for kw, match in ((dict(cfg=float("nan")), "cfg must be"), (dict(seed=2 ** 64), "seed must be"),
+                      (dict(top_k=float("nan")), "top_k must be"), (dict(top_p=float("nan")), "top_p must be")):
+        with pytest.raises(ValueError, match=match):
+            bundle.generate([0, 1], **kw)
+    with pytest.raises(ValueError, match="keep_rows must be"):
+        bundle.complete(_images(1)[0], keep_rows=float("nan"))
+    assert ran == []
 
 
 def test_seeds_reproduce(bundle: Bundle) -> None:
@@ -213,7 +241,7 @@ def test_float16_weights_halve_the_bundle_and_match_the_rounded_model(model: DiG
     imgs = _images(2)
     assert _rel(half.tokenize(imgs)[2], model.tokenize(imgs)[2]) <= 1e-2   # rounding moves features a little
     with pytest.raises(ValueError, match="weights"):
-        export_bundle(model, tmp_path / "bad", weights="int8")
+        export_bundle(model, tmp_path / "bad", weights="int4")   # int8 is a format since 3a6b312
 
 
 def test_complete_many_is_a_batch_of_single_completions(model: DiGIT, bundle: Bundle) -> None:
