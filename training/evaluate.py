@@ -245,24 +245,19 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(max(fd, 0.0))
 
 
-def sampling_defaults(bundle: Bundle) -> dict[str, Any]:
-    """The bundle's default sampling settings, as the app starts from them (guidance 1.0 is off)."""
-    s, s1 = bundle.config.sampling, bundle.config.stage1
-    cfg = s.cfg if s.cfg not in (None, 1.0) and s1.num_classes and s1.null_class_id is not None else None
-    return {"temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p, "cfg": cfg}
-
-
-def generate(bundle: Bundle, n: int, batch: int, seed: int,
-             sampling: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | None]:
-    """``n`` samples, classes interleaved (``i % C``, so any prefix is balanced); batch ``b`` has
-    seed ``seed + b``. Returns uint8 images and their classes (None for an unconditional model)."""
+def generate(bundle: Bundle, n: int, batch: int, seed: int) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
+    """``n`` samples at the bundle's default settings, classes interleaved (``i % C``, so any
+    prefix is balanced); batch ``b`` has seed ``seed + b``. Returns uint8 images, their classes
+    (None for an unconditional model) and the sampling settings used."""
     C = bundle.config.stage1.num_classes
     classes = np.arange(n) % C if C else None
-    out = []
+    out, settings = [], {}
     for b, i in enumerate(tqdm(range(0, n, batch), desc="samples", unit="batch", dynamic_ncols=True)):
         kw = {"class_ids": classes[i:i + batch]} if C else {"n": min(batch, n - i)}
-        out.append(bundle.sample(**kw, seed=seed + b, **sampling))
-    return np.concatenate(out), classes
+        g = bundle.generate(**kw, seed=seed + b)
+        out.append(g.images)
+        settings = g.settings.to_dict()
+    return np.concatenate(out), classes, settings
 
 
 def completion_mode(bundle: Bundle) -> str:
@@ -273,19 +268,21 @@ def completion_mode(bundle: Bundle) -> str:
     return "null class (unconditional)" if s1.null_class_id is not None else "true class (the model has no null class)"
 
 
-def complete_all(bundle: Bundle, test: Labelled, n: int, seed: int, sampling: dict[str, Any],
-                 batch: int) -> tuple[np.ndarray, str, int]:
-    """One completion of each of the first ``n`` test images from its top half of token rows,
-    in batches of ``batch`` (batch ``b`` seeded ``seed + b``)."""
+def complete_all(bundle: Bundle, test: Labelled, n: int, seed: int,
+                 batch: int) -> tuple[np.ndarray, str, int, dict[str, Any]]:
+    """One completion of each of the first ``n`` test images from its top half of token rows at
+    the bundle's default settings (no guidance when the null class conditions them: there is no
+    class to guide towards), in batches of ``batch`` (batch ``b`` seeded ``seed + b``). Returns
+    the completions, what conditioned them, the rows kept and the sampling settings used."""
     keep = bundle.config.disc_grid // 2
     mode = completion_mode(bundle)
-    kw = {k: v for k, v in sampling.items() if k != "cfg"}   # no guidance: it would need the class we leave out
-    out = []
+    out, settings = [], {}
     for b, i in enumerate(tqdm(range(0, n, batch), desc="completions", unit="batch", dynamic_ncols=True)):
         labels = test.y[i:min(n, i + batch)].tolist() if mode.startswith("true class") else None
-        out.append(bundle.complete_many(as_uint8(test.x[i:min(n, i + batch)]), keep, class_ids=labels,
-                                        seed=seed + b, **kw).images)
-    return np.concatenate(out), mode, keep
+        g = bundle.complete_many(as_uint8(test.x[i:min(n, i + batch)]), keep, class_ids=labels, seed=seed + b)
+        out.append(g.images)
+        settings = g.settings.to_dict()
+    return np.concatenate(out), mode, keep, settings
 
 
 def reconstruction_psnr(bundle: Bundle, x: torch.Tensor, batch: int) -> np.ndarray:
@@ -344,10 +341,9 @@ def main(argv: list[str] | None = None) -> None:
                     "classes are matched by index")
     log.info(f"{cfg.bundle} on {cfg.data}: {len(train)} train and {len(test)} test images "
              f"({mc.image_size}x{mc.image_size}, {mc.channels} channel(s)), {len(classes)} classes")
-    sampling = sampling_defaults(bundle)
     report: dict[str, Any] = {"bundle": cfg.bundle, "model": mc.name, "data": cfg.data,
                               "test_data": held_out_spec(cfg) or f"a seeded fifth of {cfg.data}",
-                              "config": dataclasses.asdict(cfg), "sampling": sampling}
+                              "config": dataclasses.asdict(cfg)}
 
     with timed("classifier"):
         clf, report["classifier"] = get_classifier(cfg, train, test, classes, device)
@@ -358,7 +354,7 @@ def main(argv: list[str] | None = None) -> None:
     n_fd = min(cfg.fid_n, len(train), len(test))
     n_rec = cfg.per_class * C
     with timed("samples"):
-        samples, sample_classes = generate(bundle, max(n_rec, n_fd), cfg.batch_size, cfg.seed, sampling)
+        samples, sample_classes, report["sampling"] = generate(bundle, max(n_rec, n_fd), cfg.batch_size, cfg.seed)
         sample_feats, sample_pred = classify(clf, from_uint8(samples, mc.channels), device)
     if C:
         hit = sample_pred[:n_rec] == sample_classes[:n_rec]
@@ -379,10 +375,11 @@ def main(argv: list[str] | None = None) -> None:
 
     with timed("completion"):
         n_comp = min(cfg.completions, len(test))
-        comps, mode, keep = complete_all(bundle, test, n_comp, cfg.seed, sampling, cfg.batch_size)
+        comps, mode, keep, comp_sampling = complete_all(bundle, test, n_comp, cfg.seed, cfg.batch_size)
         same = classify(clf, from_uint8(comps, mc.channels), device)[1] == test_pred[:n_comp]
         report["completion"] = {"n": n_comp, "keep_rows": keep, "grid": mc.disc_grid, "conditioning": mode,
-                                "agreement": float(same.mean()), "target": TARGETS["completion_agreement"]}
+                                "sampling": comp_sampling, "agreement": float(same.mean()),
+                                "target": TARGETS["completion_agreement"]}
 
     with timed("reconstruction"):
         psnr = reconstruction_psnr(bundle, test.x, cfg.batch_size)
