@@ -71,8 +71,13 @@ def test_end_to_end_and_rerun(bundle: Path, folder: Path, tmp_path: Path, caplog
     f = m["frechet"]
     assert f["n"] == 12
     assert all(math.isfinite(f[k]) and f[k] >= 0 for k in ("samples", "train_floor", "noisy_test_20db"))
+    # the settings the samples and completions were drawn with, as the runtime resolved them
+    defaults = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "cfg": 1.0, "stage2_temperature": 1.0,
+                "stage2_top_k": 0, "stage2_top_p": 0.8}                     # tiny's config.sampling
+    assert m["sampling"] == defaults
     k = m["completion"]
     assert k["n"] == 4 and k["keep_rows"] == 2 and k["conditioning"] == "null class (unconditional)"
+    assert k["sampling"] == defaults                                        # null class: never guided
     assert 0 <= k["agreement"] <= 1
     r = m["reconstruction"]
     assert r["n"] == 12 and 0 < r["psnr_db"] < 100
@@ -86,6 +91,9 @@ def test_end_to_end_and_rerun(bundle: Path, folder: Path, tmp_path: Path, caplog
                                    "linear_probe", "table1", "total"}
     md = (tmp_path / "a" / "summary.md").read_text()
     assert "| classifier test accuracy" in md and "≥ 90.0%" in md and "0.114" in md   # a target and a paper figure
+    assert "top_k=0" in md and "cfg=1.0" in md
+    # Markdown reads a line starting with ">" as a block quote: no line of the card's text may start so
+    assert not [line for line in md.splitlines() if line.lstrip().startswith(">")]
 
     # a rerun reuses the classifier file and, everything being seeded, gives the same figures
     mtime = clf.stat().st_mtime_ns
