@@ -184,7 +184,9 @@ def test_every_analysis_writes_its_report(root: Path, tmp_path: Path) -> None:
     a = json.loads((out / "ablation.json").read_text())
     assert set(a["scores"]) == {"real", "recon", "digit", "vq"}
     assert all(np.isfinite(v["fd"]) and v["fd"] >= 0 and 0 <= v["class_accuracy"] <= 1 for v in a["scores"].values())
-    assert a["budget"]["vq"]["steps"] == 3 and a["cfg"] == tiny().sampling.cfg
+    # both models sampled with DiGIT's resolved stage-1 defaults (tiny: all off)
+    assert a["budget"]["vq"]["steps"] == 3 and a["cfg"] == 1.0
+    assert a["sampling"] == {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "cfg": 1.0}
     assert Image.open(out / "ablation_digit.png").size == Image.open(out / "ablation_vq.png").size
 
     t = json.loads((out / "ssl_type.json").read_text())

@@ -27,9 +27,14 @@ ROWS = {"real": "other real test images", "recon": "VQGAN reconstructions", "dig
         "vq": "VQ tokens only"}
 
 
-def sample(flows: Flows, classes: np.ndarray, cfg: float | None, seed: int, batch: int) -> np.ndarray:
-    """One image per entry of ``classes``; batch ``b`` uses seed ``seed + b`` (each row its own generator)."""
-    return np.concatenate([flows.sample(classes[i: i + batch], seed=seed + i // batch, cfg=cfg)
+STAGE1_KNOBS = ("temperature", "top_k", "top_p", "cfg")
+"""The sampling settings both models share (the VQ-only model has no stage 2)."""
+
+
+def sample(flows: Flows, classes: np.ndarray, settings: dict[str, float | int], seed: int, batch: int) -> np.ndarray:
+    """One image per entry of ``classes`` with the sampling ``settings`` (the rest at the model's
+    defaults); batch ``b`` uses seed ``seed + b`` (each row its own generator)."""
+    return np.concatenate([flows.sample(classes[i: i + batch], seed=seed + i // batch, **settings)
                            for i in range(0, len(classes), batch)])
 
 
@@ -47,23 +52,25 @@ def run(ctx: Context) -> Section:
     if C == 0 or vq_model.config.stage1.num_classes != C:
         raise ValueError("the ablation samples class by class: both stage-1 models must be class-conditional "
                          f"with the same classes (got {C} and {vq_model.config.stage1.num_classes})")
-    cfg = o.cfg if o.cfg is not None else model.config.sampling.cfg
+    # DiGIT's default stage-1 settings (guidance: --cfg, else its default), passed explicitly to both models
+    resolved = model.sampling_settings(cfg=o.cfg)
+    shared = {k: getattr(resolved, k) for k in STAGE1_KNOBS}
     classes = np.repeat(np.arange(C), o.n_per_class)
     n = len(classes)
     test, test_labels = ctx.images("test", 2 * n)
     real, labels = test[:n], test_labels[:n]
     sets = {"real": (test[n:], test_labels[n:]),
             "recon": (np.concatenate(batched(lambda x: model.decode_vq(model.vq_tokenize(x)), real, o.batch)), labels),
-            "digit": (sample(model, classes, cfg, o.seed, o.batch), classes),
-            "vq": (sample(vq_model, classes, cfg, o.seed, o.batch), classes)}
+            "digit": (sample(model, classes, shared, o.seed, o.batch), classes),
+            "vq": (sample(vq_model, classes, shared, o.seed, o.batch), classes)}
     f_real = judge.measure(real)[0]
     scores = {}
     for key, (images, want) in sets.items():
         feats, pred = judge.measure(images)
         scores[key] = {"class_accuracy": float((pred == want).mean()), "fd": float(judge.frechet(feats, f_real))}
     s1_dir = o.path(o.model, "model").parent / "stage1"
-    data = {"scores": scores, "rows": ROWS, "n_per_class": o.n_per_class, "num_classes": C, "cfg": cfg,
-            "judge": judge.name, "grid": model.config.disc_grid, "images": images_text(ctx),
+    data = {"scores": scores, "rows": ROWS, "n_per_class": o.n_per_class, "num_classes": C, "cfg": shared["cfg"],
+            "sampling": shared, "judge": judge.name, "grid": model.config.disc_grid, "images": images_text(ctx),
             "budget": {"digit": budget(s1_dir, model.stage1, model.stage2),
                        "vq": budget(o.path(o.vq_stage1, "stage1_vq/stage1.safetensors").parent, vq_model.stage1)},
             "paper": PAPER}
@@ -128,7 +135,9 @@ def markdown(d: dict) -> str:
     paper = table(["paper (ImageNet, unconditional)", "FID", "IS"],
                   [[k, v["fid"], v["is"]] for k, v in d["paper"].items()])
     return (f"{d['n_per_class']} images per class x {d['num_classes']} classes per row; both models sampled by "
-            f"the same Flows loop at the model's default temperature, class-conditional with guidance {d['cfg']} "
+            f"the same Flows loop with the same stage-1 settings (DiGIT's defaults: "
+            f"{', '.join(f'{k} {v:g}' for k, v in d['sampling'].items())}; top-k 0, top-p 1 and cfg 1 are off), "
+            f"class-conditional with guidance {d['cfg']:g} "
             f"(the paper's Table 3a is unconditional). FD: Fréchet distance to real test images in the features of "
             f"the {d['judge']} (not Inception: compare directions with the paper, not values).\n\n"
             + table(["images", "FD ↓", "classified as asked ↑"], rows) + "\n\n" + paper + "\n\n"

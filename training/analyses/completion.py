@@ -3,17 +3,16 @@ discriminative tokenizer (DiGIT: its tokens' prefix, stage 1 continues, stage 2 
 with the VQ tokenizer (the ablation's VQ-only model continuing a prefix of VQ tokens).
 
 Both continue unconditionally (the null class, no guidance), as ``Flows.complete`` does without
-a class, so the prefix is all they know. Quality: the share of completions that the classifier
-puts in the class it gives the original, and the Fréchet distance between the classifier's
-features of the completions and of the originals.
+a class, so the prefix is all they know, at their models' default sampling settings. Quality:
+the share of completions that the classifier puts in the class it gives the original, and the
+Fréchet distance between the classifier's features of the completions and of the originals.
 """
 from __future__ import annotations
 
 import numpy as np
 from plotly.subplots import make_subplots
 
-from digit_core.demo import keep_rows_for
-from digit_core.flows import Flows
+from digit_core.flows import Flows, keep_rows_for
 from training.analyses.common import CLOSE, Context, Section, fmt, images_text, table, tile
 
 PAPER = ("FID falls for both tokenizers as the prefix grows; from 75% down to 12.5% of the image the VQGAN "
@@ -24,7 +23,7 @@ MODELS = {"digit": "discriminative tokens (DiGIT)", "vq": "VQ tokens"}
 
 def complete_all(flows: Flows, images: np.ndarray, keep_rows: int, seed: int, batch: int) -> np.ndarray:
     """One completion of each image from its top ``keep_rows`` token rows, without a class (the
-    null class), at the model's default temperature; batch ``b`` uses seed ``seed + b``."""
+    null class), at the model's default sampling settings; batch ``b`` uses seed ``seed + b``."""
     s1 = flows.config.stage1
     if s1.num_classes and s1.null_class_id is None:
         raise ValueError(f"{flows.config.name} has no null class: its completions would have to be told the label")
