@@ -15,5 +15,6 @@ python -m training.assemble --config "$CONFIG" --root="$ROOT" --workers=0 \
   --encoder="$W/encoder/encoder.safetensors" --codebook="$W/codebook/codebook.safetensors" \
   --vqgan="$W/vqgan/vqgan.safetensors" --stage1="$W/stage1/stage1.safetensors" --stage2="$W/stage2/stage2.safetensors"
 python -m digit_core.export --model "$ROOT/model" --out "$BUNDLE" --weights float16
+[[ -f "$W/MODEL_CARD.md" ]] && cp "$W/MODEL_CARD.md" "$BUNDLE/"   # the card travels with the weights
 python -m training.assets --bundle "$BUNDLE" --data fmnist --out "$ASSETS"
 echo "== rebuilt $BUNDLE from $W"
