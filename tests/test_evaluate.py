@@ -68,8 +68,12 @@ def test_end_to_end_and_rerun(bundle: Path, folder: Path, tmp_path: Path, caplog
     s = m["samples"]
     assert s["n"] == 6 and 0 <= s["accuracy"] <= 1 and set(s["per_class"]) == {"class0", "class1", "class2"}
     assert s["accuracy"] == pytest.approx(np.mean(list(s["per_class"].values())))   # 2 samples in each class
+    lo, hi = s["accuracy_ci"]
+    assert 0 <= lo <= s["accuracy"] <= hi <= 1 and set(s["per_class_ci"]) == set(s["per_class"])
     f = m["frechet"]
-    assert f["n"] == 12
+    assert f["n"] == 12 and f["samples_ci"][0] <= f["samples"] + 1e-9 <= f["samples_ci"][1] + 1e-9
+    assert k_ci_ok(m["completion"])
+    assert "unguided" not in m   # tiny's default is already unguided: nothing to add
     assert all(math.isfinite(f[k]) and f[k] >= 0 for k in ("samples", "train_floor", "noisy_test_20db"))
     # the settings the samples and completions were drawn with, as the runtime resolved them
     defaults = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "cfg": 1.0, "stage2_temperature": 1.0,
@@ -104,6 +108,24 @@ def test_end_to_end_and_rerun(bundle: Path, folder: Path, tmp_path: Path, caplog
     for part in ("samples", "frechet", "completion", "reconstruction", "linear_probe", "table1"):
         assert again[part] == m[part], part
     assert again["classifier"]["test_accuracy"] == c["test_accuracy"]
+
+
+def k_ci_ok(k: dict) -> bool:
+    lo, hi = k["agreement_ci"]
+    return 0 <= lo <= k["agreement"] <= hi <= 1
+
+
+def test_a_guided_bundle_is_also_measured_without_guidance(folder: Path, tmp_path: Path) -> None:
+    cfg = tiny(3)
+    cfg.sampling.cfg = 2.0
+    torch.manual_seed(0)
+    bundle = export_bundle(DiGIT(cfg), tmp_path / "guided")
+    m = _run(bundle, folder, tmp_path / "out", tmp_path / "clf.safetensors")
+    u = m["unguided"]
+    assert m["sampling"]["cfg"] == 2.0 and u["sampling"]["cfg"] == 1.0 and u["n"] == m["samples"]["n"]
+    assert 0 <= u["accuracy_ci"][0] <= u["accuracy"] <= u["accuracy_ci"][1] <= 1 and u["target"] == 0.75
+    assert math.isfinite(u["frechet"]) and "samples_unguided" in m["timings_s"]
+    assert "without guidance (cfg 1)" in (tmp_path / "out" / "summary.md").read_text()
 
 
 def test_bad_inputs(bundle: Path, folder: Path, tmp_path: Path) -> None:

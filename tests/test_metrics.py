@@ -134,3 +134,15 @@ def test_bootstrap_interval_covers_a_known_mean_and_shrinks_with_n() -> None:
         bootstrap_ci(lambda i: large[i].mean(), len(large), n_boot=200, seed=3)   # seeded
     with pytest.raises(ValueError, match="at least 2"):
         bootstrap_ci(lambda i: 0.0, 1)
+
+
+def test_basic_bootstrap_brackets_a_statistic_that_resampling_inflates() -> None:
+    from digit_core.metrics import bootstrap_ci
+    x = np.random.default_rng(0).normal(size=300)
+    distinct = lambda i: len(np.unique(x[i])) / len(x)   # a resample always has fewer distinct values
+    est, lo, hi = bootstrap_ci(distinct, len(x), n_boot=200, method="percentile")
+    assert est == 1.0 and hi < est                         # the percentile interval misses the estimate
+    est, lo, hi = bootstrap_ci(distinct, len(x), n_boot=200, method="normal")
+    assert lo < est < hi and hi - est == pytest.approx(est - lo) and 0.01 < hi - lo < 0.2
+    with pytest.raises(ValueError, match="percentile"):
+        bootstrap_ci(distinct, len(x), method="bca")

@@ -43,7 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from digit_core.metrics import PAPER_TABLE1, add_noise, stability
+from digit_core.metrics import PAPER_TABLE1, add_noise, bootstrap_ci, stability
 from digit_core.pipeline import images_to_input
 from digit_core.runtime import Bundle, load_bundle
 from training.common import RunConfig, as_uint8, atomic_save, load_data, load_tensors, parse_config, test_split
@@ -51,7 +51,7 @@ from training.ssl import linear_probe
 
 log = logging.getLogger("digit.evaluate")
 
-TARGETS = {"classifier_accuracy": 0.92, "sample_accuracy": 0.90, "completion_agreement": 0.85}
+TARGETS = {"classifier_accuracy": 0.92, "sample_accuracy": 0.90, "unguided_accuracy": 0.75, "completion_agreement": 0.85}
 NOISY_REFERENCE_DB = 20.0
 QUICK = {"per_class": 20, "fid_n": 500, "completions": 50, "table1_n": 100, "probe_train": 1000, "probe_test": 500}
 """``--quick=true`` caps the sizes at these (a smoke run in a few minutes on CPU)."""
@@ -74,6 +74,8 @@ class EvalConfig(RunConfig):
     probe_test: int = 2000
     classifier: str = ""           # default runs/eval/<data>-classifier.safetensors
     classifier_epochs: int = 6     # Fashion-MNIST test accuracy 93.5% in 70 s on CPU (5 epochs: 93.3%)
+    unguided: bool = True          # also sample with guidance off (cfg 1), as the paper's DiGIT figures are
+    n_boot: int = 200              # bootstrap resamples for every interval
     quick: bool = False
 
 
@@ -245,19 +247,34 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(max(fd, 0.0))
 
 
-def generate(bundle: Bundle, n: int, batch: int, seed: int) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
-    """``n`` samples at the bundle's default settings, classes interleaved (``i % C``, so any
-    prefix is balanced); batch ``b`` has seed ``seed + b``. Returns uint8 images, their classes
-    (None for an unconditional model) and the sampling settings used."""
+def generate(bundle: Bundle, n: int, batch: int, seed: int,
+             **knobs: float | int | None) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
+    """``n`` samples at the bundle's default settings (``knobs`` override some, e.g. ``cfg=1``),
+    classes interleaved (``i % C``, so any prefix is balanced); batch ``b`` has seed ``seed + b``.
+    Returns uint8 images, their classes (None for an unconditional model) and the settings used."""
     C = bundle.config.stage1.num_classes
     classes = np.arange(n) % C if C else None
     out, settings = [], {}
     for b, i in enumerate(tqdm(range(0, n, batch), desc="samples", unit="batch", dynamic_ncols=True)):
         kw = {"class_ids": classes[i:i + batch]} if C else {"n": min(batch, n - i)}
-        g = bundle.generate(**kw, seed=seed + b)
+        g = bundle.generate(**kw, seed=seed + b, **knobs)
         out.append(g.images)
         settings = g.settings.to_dict()
     return np.concatenate(out), classes, settings
+
+
+def interval(values: np.ndarray, cfg: EvalConfig) -> list[float] | None:
+    """The bootstrap 95% interval of the mean of ``values`` (per-sample hits); None for < 2 values."""
+    if len(values) < 2:
+        return None
+    return list(bootstrap_ci(lambda i: values[i].mean(), len(values), n_boot=cfg.n_boot, seed=cfg.seed)[1:])
+
+
+def fd_interval(feats: np.ndarray, ref: np.ndarray, cfg: EvalConfig) -> list[float]:
+    """The bootstrap 95% interval (normal: resampling inflates a Fréchet distance, not its spread) of the
+    distance of ``feats`` to the fixed ``ref``, resampling the samples."""
+    return list(bootstrap_ci(lambda i: frechet_distance(feats[i], ref), len(feats), n_boot=cfg.n_boot,
+                             seed=cfg.seed, method="normal")[1:])
 
 
 def completion_mode(bundle: Bundle) -> str:
@@ -358,9 +375,12 @@ def main(argv: list[str] | None = None) -> None:
         sample_feats, sample_pred = classify(clf, from_uint8(samples, mc.channels), device)
     if C:
         hit = sample_pred[:n_rec] == sample_classes[:n_rec]
-        report["samples"] = {"n": n_rec, "accuracy": float(hit.mean()), "target": TARGETS["sample_accuracy"],
+        report["samples"] = {"n": n_rec, "accuracy": float(hit.mean()), "accuracy_ci": interval(hit, cfg),
+                             "target": TARGETS["sample_accuracy"],
                              "per_class": {name: float(hit[sample_classes[:n_rec] == c].mean())
-                                           for c, name in enumerate(classes)}}
+                                           for c, name in enumerate(classes)},
+                             "per_class_ci": {name: interval(hit[sample_classes[:n_rec] == c], cfg)
+                                              for c, name in enumerate(classes)}}
     else:
         report["samples"] = {"n": 0, "accuracy": None, "note": "unconditional model: no requested class"}
 
@@ -369,9 +389,21 @@ def main(argv: list[str] | None = None) -> None:
         noisy = add_noise(test.x[:n_fd].numpy(), NOISY_REFERENCE_DB, np.random.default_rng(cfg.seed))
         report["frechet"] = {"n": n_fd, "features": "classifier penultimate layer (256-d)",
                              "samples": frechet_distance(sample_feats[:n_fd], ref),
+                             "samples_ci": fd_interval(sample_feats[:n_fd], ref, cfg),
                              "train_floor": frechet_distance(classify(clf, train.x[:n_fd], device)[0], ref),
                              f"noisy_test_{NOISY_REFERENCE_DB:g}db": frechet_distance(
                                  classify(clf, torch.from_numpy(noisy).float(), device)[0], ref)}
+
+    guided = C and report["sampling"].get("cfg", 1.0) != 1.0
+    if cfg.unguided and guided:   # the paper reports DiGIT without guidance: the same count, cfg off
+        with timed("samples_unguided"):
+            u_imgs, u_classes, u_settings = generate(bundle, max(n_rec, n_fd), cfg.batch_size, cfg.seed, cfg=1.0)
+            u_feats, u_pred = classify(clf, from_uint8(u_imgs, mc.channels), device)
+            u_hit = u_pred[:n_rec] == u_classes[:n_rec]
+            report["unguided"] = {"sampling": u_settings, "n": n_rec, "accuracy": float(u_hit.mean()),
+                                  "accuracy_ci": interval(u_hit, cfg), "target": TARGETS["unguided_accuracy"],
+                                  "frechet": frechet_distance(u_feats[:n_fd], ref),
+                                  "frechet_ci": fd_interval(u_feats[:n_fd], ref, cfg)}
 
     with timed("completion"):
         n_comp = min(cfg.completions, len(test))
@@ -379,6 +411,7 @@ def main(argv: list[str] | None = None) -> None:
         same = classify(clf, from_uint8(comps, mc.channels), device)[1] == test_pred[:n_comp]
         report["completion"] = {"n": n_comp, "keep_rows": keep, "grid": mc.disc_grid, "conditioning": mode,
                                 "sampling": comp_sampling, "agreement": float(same.mean()),
+                                "agreement_ci": interval(same, cfg),
                                 "target": TARGETS["completion_agreement"]}
 
     with timed("reconstruction"):
@@ -414,33 +447,47 @@ def summary(r: dict[str, Any]) -> str:
     def vs(v: float, target: float) -> str:
         return f"≥ {pct(target)} ({'met' if v >= target else 'missed'})"
 
+    def ci(d: dict[str, Any], key: str, fmt=pct) -> str:
+        """``value [low, high]`` when the report has the interval (older reports do not)."""
+        lo_hi = d.get(f"{key}_ci")
+        return fmt(d[key]) + (f" [{fmt(lo_hi[0])}, {fmt(lo_hi[1])}]" if lo_hi else "")
+
     c, s, f, k = r["classifier"], r["samples"], r["frechet"], r["completion"]
     noisy_key = next(key for key in f if key.startswith("noisy_test_"))
     lines = [f"# Evaluation of `{r['bundle']}` ({r['model']}) on {r['data']}", "",
-             f"Test images: {r['test_data']}. Classifier: a small CNN trained on the train split with the labels "
+             f"Test images: {r['test_data']}. Intervals: bootstrap 95% over the samples / images. Classifier: a small CNN trained on the train split with the labels "
              f"({c['epochs']} epochs, `{c['path']}`). Sampling: the bundle's defaults "
              f"({', '.join(f'{a}={b}' for a, b in r['sampling'].items())}).", "",
              "| measure | ours | target / reference |", "|---|---|---|",
              f"| classifier test accuracy ({c['test_images']} test images) | {pct(c['test_accuracy'])} "
              f"| {vs(c['test_accuracy'], c['target'])} |"]
     if s["accuracy"] is not None:
-        lines.append(f"| samples recognised as their class ({s['n']} samples) | {pct(s['accuracy'])} "
+        lines.append(f"| samples recognised as their class ({s['n']} samples) | {ci(s, 'accuracy')} "
                      f"| {vs(s['accuracy'], s['target'])} |")
     met = "met" if f["samples"] < f[noisy_key] else "missed"
     lines += [f"| Fréchet distance, classifier features ({f['n']} samples vs {f['n']} test images) "
-              f"| {f['samples']:.3g} "
+              f"| {ci(f, 'samples', lambda v: f'{v:.3g}')} "
               f"| < {f[noisy_key]:.3g}, test images at {NOISY_REFERENCE_DB:g} dB SNR ({met}); "
               f"floor {f['train_floor']:.3g} (train vs test images) |",
               f"| half-image completion keeps the class ({k['n']} test images, top {k['keep_rows']} of {k['grid']} "
-              f"token rows, {k['conditioning']}) | {pct(k['agreement'])} | {vs(k['agreement'], k['target'])} |",
+              f"token rows, {k['conditioning']}) | {ci(k, 'agreement')} | {vs(k['agreement'], k['target'])} |",
               f"| VQGAN reconstruction PSNR ({r['reconstruction']['n']} test images; "
               f"{r['reconstruction']['how']}) | {r['reconstruction']['psnr_db']:.2f} dB | |",
               f"| linear probe, tokenizer features mean-pooled ({r['linear_probe']['train']} train / "
               f"{r['linear_probe']['test']} test images) | {pct(r['linear_probe']['encoder'])} "
               f"| raw pixels {pct(r['linear_probe']['pixels'])} |"]
+    u = r.get("unguided")
+    if u:
+        met = "met" if u["frechet"] < f[noisy_key] else "missed"
+        lines += [f"| without guidance (cfg 1): samples recognised as their class ({u['n']} samples) "
+                  f"| {ci(u, 'accuracy')} | {vs(u['accuracy'], u['target'])} |",
+                  f"| without guidance: Fréchet distance ({f['n']} samples) | {ci(u, 'frechet', lambda v: f'{v:.3g}')} "
+                  f"| < {f[noisy_key]:.3g} ({met}) |"]
     if s["accuracy"] is not None:
         lines += ["", "Samples recognised as their class, per class:", "", "| class | accuracy |", "|---|---|"]
-        lines += [f"| {name} | {pct(v)} |" for name, v in s["per_class"].items()]
+        cis = s.get("per_class_ci", {})
+        lines += [f"| {name} | {pct(v)}" + (f" [{pct(cis[name][0])}, {pct(cis[name][1])}]" if cis.get(name) else "")
+                  + " |" for name, v in s["per_class"].items()]
     t, p = r["table1"]["ours"], r["table1"]["paper"]
     keys = ("disc_change", "vq_change", "disc_cos_sim", "vq_cos_sim")
     lines += ["", f"Table 1: token change rate and feature cosine similarity under Gaussian noise, "
