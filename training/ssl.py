@@ -48,12 +48,17 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 from digit_core.encoders import Encoder
-from training.common import TrainConfig, Trainer, load_data, parse_config, to_channels
+from training.common import TrainConfig, Trainer, at_least, fraction, load_data, one_of, parse_config, to_channels
+
+
+OBJECTIVES = ("dino_ibot", "dino", "ibot", "contrastive", "vicreg_dense", "supervised")
 
 
 @dataclass
 class SSLConfig(TrainConfig):
     stage: ClassVar[str] = "ssl"
+    rules: ClassVar[dict] = {"objective": one_of(*OBJECTIVES), "noise": at_least(0), "dense_weight": at_least(0),
+                             "jitter": fraction(upper_open=True)}
     lr: float = 5e-4
     schedule: str = "cosine"
     warmup: int = 500
@@ -246,7 +251,6 @@ def distill(teacher: torch.Tensor, student: torch.Tensor, center: torch.Tensor, 
     return -(t * torch.log_softmax(student.float() / s_temp, -1)).sum(-1)
 
 
-OBJECTIVES = ("dino_ibot", "dino", "ibot", "contrastive", "vicreg_dense", "supervised")
 
 
 def info_nce(z: torch.Tensor, temperature: float) -> torch.Tensor:
