@@ -41,7 +41,7 @@ def summary(m: demo.Model | None, err: str | None = None) -> str:
     return (f"**{c.name}** · {c.image_size}×{c.image_size} images · {c.disc_grid}×{c.disc_grid} discriminative "
             f"tokens ({c.codebook.size} clusters) → {c.vq_grid}×{c.vq_grid} VQ tokens ({c.vqgan.n_embed} codes) · "
             f"{m.flows.provider} · classes: {classes}"
-            + (f"\n\nEncoder: {c.encoder.source}" if c.encoder.source else ""))
+            + f"\n\n{demo.encoder_line(c.encoder)}")
 
 
 def build(registry: common.Registry, delete_cache: tuple[int, int] | None = None, analytics: bool = False) -> gr.Blocks:
@@ -52,7 +52,10 @@ def build(registry: common.Registry, delete_cache: tuple[int, int] | None = None
         gr.Markdown(f"# DiGIT Studio\nDiscriminative image tokens + autoregressive generation (NeurIPS 2024, "
                     f"{common.PAPER}).")
         with gr.Row():
-            model_dd = gr.Dropdown(registry.choices(), value=registry.key(None), label="Model bundle", scale=1)
+            # custom values: API clients may name a listed bundle by its folder path; the registry
+            # maps it to its listed name and refuses anything it does not list
+            model_dd = gr.Dropdown(registry.choices(), value=registry.key(None), label="Model bundle", scale=1,
+                                   allow_custom_value=True)
             banner = gr.Markdown(summary(m0, problem), elem_id="banner" if m0 is None else None)
         with gr.Tab("Generate"):
             gen = generate.build(m0, model_dd)

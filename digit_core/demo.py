@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from .config import EncoderConfig
 from .flows import keep_rows_for  # noqa: F401  (the Complete tab's and the analyses' rows policy, from here too)
 from .images import load_image
 from .metrics import add_noise, as_seen, cosine_similarity, stability, token_change_rate
@@ -193,6 +194,19 @@ def stability_one(model: Model, image: np.ndarray, snr_db: float, seed: int) -> 
 RANDOM = "random"
 UNCONDITIONAL = "(unconditional)"
 NULL_CLASS = "(no class: null token)"
+
+
+def encoder_line(e: EncoderConfig) -> str:
+    """How the tokenizer's encoder was trained, from the structured fields (``objective``,
+    ``labels``), for the app's header: the paper's claim is about encoders trained without labels."""
+    arch = {"cnn": "CNN", "vit": "ViT", "dinov2": "DINOv2"}.get(e.kind, e.kind)
+    if e.labels is None:
+        how = f"trained with objective {e.objective}" if e.objective else "training not recorded"
+    elif e.labels:
+        how = f"trained **with the labels** ({e.objective or 'objective not recorded'}): not self-supervised"
+    else:
+        how = f"trained self-supervised ({e.objective or 'objective not recorded'}), **no labels**"
+    return f"Encoder: {arch}, {how}" + (f". {e.source}" if e.source else "")
 
 
 def class_choices(model: Model) -> list[str]:

@@ -281,3 +281,15 @@ def test_sixteen_bit_conversion_rounds_like_floats(tmp_path: Path) -> None:
     Image.fromarray(a).save(f)
     got = load_image(f, 96)[..., 0]
     assert np.array_equal(got, np.round(a / 65535 * 255).astype(np.uint8))
+
+
+def test_header_says_how_the_encoder_was_trained() -> None:
+    from digit_core.config import preset
+    from digit_core.demo import encoder_line
+    e = preset("fmnist-cnn").encoder
+    e.objective, e.labels = "vicreg_dense", False
+    assert "self-supervised (vicreg_dense), **no labels**" in encoder_line(e)
+    e.objective, e.labels = "supervised", True
+    assert "**with the labels**" in encoder_line(e) and "not self-supervised" in encoder_line(e)
+    e.objective, e.labels = "", None
+    assert "not recorded" in encoder_line(e)
