@@ -405,6 +405,15 @@ class ResumableSampler(DistributedSampler):
 
 
 # -- files -----------------------------------------------------------------------------------------------
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """``text`` written to a temp name then renamed: a kill leaves the old file or the new."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def atomic_save(tensors: dict[str, torch.Tensor], path: str | Path, meta: dict[str, Any] | None = None) -> None:
     """safetensors file written to a temp name then renamed: a kill leaves the old file or the new."""
     path = Path(path)

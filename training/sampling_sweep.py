@@ -27,7 +27,7 @@ import torch
 
 from digit_core.metrics import bootstrap_ci
 from digit_core.runtime import load_bundle
-from training.common import parse_config
+from training.common import atomic_write_text, parse_config
 from training.evaluate import EvalConfig, classify, frechet_distance, from_uint8, get_classifier, load_splits
 
 
@@ -88,10 +88,7 @@ def main(argv: list[str] | None = None) -> None:
            "rows": rows, "chosen": {"cfg": best["cfg"], "top_k": best["top_k"]},
            "seconds": round(time.perf_counter() - t0, 1)}
     path = Path(cfg.out or Path("reports") / f"{Path(cfg.bundle).name}-eval" / "sampling_sweep.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(out, indent=2))
-    tmp.replace(path)   # a kill leaves the old file or the new one
+    atomic_write_text(path, json.dumps(out, indent=2))
     print(f"chosen: cfg {best['cfg']:g}, top-k {best['top_k']}; wrote {path}")
 
 

@@ -35,7 +35,7 @@ from digit_core.pipeline import DiscTokenizer, VQEncoder
 from digit_core.vqgan import VQGAN
 from training.analyses.common import batched
 from training.analyses.stability import probe_and_usage
-from training.common import as_uint8, load_tensors, require
+from training.common import as_uint8, atomic_write_text, load_tensors, require
 
 
 def images(spec: str, cfg: DiGITConfig, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -115,10 +115,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"VQGAN codes: change at 10 dB {out['vq_codes']['change'][SNR_LEVELS_DB.index(10.0)]:.3f}", flush=True)
     out["seconds"] = round(time.perf_counter() - t0, 1)
     path = Path(a.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(out, indent=2))
-    tmp.replace(path)   # a kill leaves the old file or the new one
+    atomic_write_text(path, json.dumps(out, indent=2))
     print(f"wrote {a.out} ({out['seconds']:.0f} s)")
 
 
