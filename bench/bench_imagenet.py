@@ -54,8 +54,17 @@ GiB = 1 << 30
 
 
 def peak_rss() -> int:
-    """This process's peak resident memory in bytes (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process's peak resident memory in bytes: the kernel's high-water mark of its own
+    address space (``VmHWM``). Not ``getrusage``'s ``ru_maxrss``, which a child started with
+    fork + exec inherits from its parent, so every end-to-end child would report the parent's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def available_memory() -> int:
@@ -159,7 +168,8 @@ def measure(name: str, work: Path, threads: int, steps: int, bandwidth: float, r
         floors[stage] = {k: bandwidth / v for k, v in wbytes.items()}
         grid = (c.disc_grid if stage == 1 else c.vq_grid) ** 2
         done = min(grid // 2, grid - 1 - steps)   # the prefill fills the cache up to the middle of the grid
-        cache_bytes = g.n_layer * 2 * g.n_head * g.context * g.head_dim * 4   # per row: each step reads all of it
+        T = c.stage1_positions if stage == 1 else c.stage2_positions
+        cache_bytes = g.n_layer * 2 * g.n_head * T * g.head_dim * 4   # per row: each step reads all of it
         for b in BATCHES:
             parts = [decode_parts(m, stage, b, done=done, steps=steps) for m in fns]
             prefill_s = []
@@ -240,7 +250,7 @@ def _preset_markdown(r: dict[str, Any]) -> list[str]:
             tail = (f"{fl['fp32']:.1f} | {fl['int8']:.1f} | {fl['fp32'] / e:.2f}, {fl['fp32'] / f:.2f}, {fl['int8'] / i:.2f}"
                     if fl else " | | ")
             lines.append(f"| {d['stage']} | {d['batch']} | {e:.1f} | {f:.1f} | {i:.1f} | {f / e:.2f}x | {i / e:.2f}x | {tail} |")
-        lines += ["", "Each step also reads the whole static KV cache (the preset's context, not just the filled part): "
+        lines += ["", "Each step also reads the whole static KV cache (every position one generation fills, not just those filled so far): "
                   + "; ".join(f"stage {d['stage']} {d['cache_bytes_per_row'] / 1e6:,.0f} MB per row, "
                               f"{d['cache_bytes_per_row'] / d['weight_bytes']['fp32']:.0%} of its fp32 weights"
                               for d in r["decoding"] if d["batch"] == 1) + ".", "",

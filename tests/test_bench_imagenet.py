@@ -28,3 +28,15 @@ def test_quick_run_writes_every_table(tmp_path: Path) -> None:
         assert e["total_s"] >= e["stage1_s"] > 0 and e["peak_rss"] > 50e6
     md = (tmp_path / "bench.md").read_text()
     assert "| batch | eager | onnxruntime fp32 | onnxruntime int8 |" in md and "time / floor" in md and "peak RSS" in md
+
+
+def test_a_child_reports_its_own_peak_memory_not_its_parents() -> None:
+    """End-to-end figures come from fresh child processes; ``ru_maxrss`` would give them the
+    parent's peak (Linux carries it over fork + exec), so a small child must report a small peak."""
+    import numpy as np
+    from bench.bench_imagenet import peak_rss
+    held = np.ones(1 << 30, np.uint8)   # 1 GiB resident in this process (the child imports torch: ~0.4 GiB)
+    child = subprocess.run([sys.executable, "-c", "from bench.bench_imagenet import peak_rss; print(peak_rss())"],
+                           cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert child.returncode == 0, child.stderr[-2000:]
+    assert peak_rss() > held.nbytes > int(child.stdout.split()[-1])
