@@ -45,7 +45,7 @@ def decode_rate(model: GPT, batch: int, tokens: int, cached: bool) -> float:
     cfg = model.cfg
     seq = torch.randint(0, cfg.vocab_size, (batch, tokens + 1))
     def run() -> None:
-        cache = model.new_cache(batch) if cached else None
+        cache = model.new_cache(batch, tokens) if cached else None
         for t in range(tokens):
             if cached:
                 model(seq[:, t:t + 1], t, cache)

@@ -98,7 +98,8 @@ def numpy_feeds(m, stage: int, batch: int) -> Callable[[], None]:
     seq = np.random.default_rng(0).integers(0, g.vocab_size, (batch, n_prefix + steps))
 
     def run() -> None:
-        cache = np.zeros((g.n_layer, 2, batch, g.n_head, g.context, g.head_dim), np.float32)
+        T = c.stage1_positions if stage == 1 else c.stage2_positions
+        cache = np.zeros((g.n_layer, 2, batch, g.n_head, T, g.head_dim), np.float32)
         _, cache = sess.run(None, {"tokens": seq[:, :n_prefix], "start": np.array(0), "cache": cache})
         for t in range(n_prefix, n_prefix + steps):
             _, cache = sess.run(None, {"tokens": seq[:, t:t + 1], "start": np.array(t), "cache": cache})

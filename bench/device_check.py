@@ -123,10 +123,11 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def decode_rate(gpt: GPT, batch: int, prefill: int, steps: int, graphed: bool) -> tuple[float, float]:
-    """(tokens/s over ``steps`` one-token steps after a ``prefill``-token prefill, prefill seconds), best of 2."""
+def decode_rate(gpt: GPT, batch: int, length: int, prefill: int, steps: int, graphed: bool) -> tuple[float, float]:
+    """(tokens/s over ``steps`` one-token steps after a ``prefill``-token prefill, prefill seconds), best of 2,
+    with a KV cache of ``length`` positions (the flows')."""
     dev = gpt.head.weight.device
-    cache = gpt.new_cache(batch)
+    cache = gpt.new_cache(batch, length)
     seq = torch.randint(0, gpt.cfg.vocab_size, (batch, prefill + steps), device=dev)
     step = graphed_step(gpt, cache) if graphed else (lambda tok, t: gpt(tok, t, cache))
     _sync(dev)
@@ -145,13 +146,13 @@ def decode_rate(gpt: GPT, batch: int, prefill: int, steps: int, graphed: bool) -
     return batch * steps / best, prefill_s
 
 
-def floor(gpt: GPT, batch: int) -> dict[str, float]:
-    """Fastest possible one-token step: weights + the whole static cache read once from HBM, or
-    the matmul + attention FLOPs at the bf16 peak, whichever takes longer; as tokens/s."""
+def floor(gpt: GPT, batch: int, length: int) -> dict[str, float]:
+    """Fastest possible one-token step: weights + the whole static cache (``length`` positions) read
+    once from HBM, or the matmul + attention FLOPs at the bf16 peak, whichever takes longer; as tokens/s."""
     c = gpt.cfg
     w = weight_bytes(gpt)
-    cache = c.n_layer * 2 * batch * c.context * c.d_model * gpt.head.weight.element_size()
-    flops = batch * (2 * w / gpt.head.weight.element_size() + 4 * c.n_layer * c.context * c.d_model)
+    cache = c.n_layer * 2 * batch * length * c.d_model * gpt.head.weight.element_size()
+    flops = batch * (2 * w / gpt.head.weight.element_size() + 4 * c.n_layer * length * c.d_model)
     t_mem, t_flop = (w + cache) / HBM_BYTES_PER_S, flops / BF16_FLOPS
     return {"tokens_per_s": batch / max(t_mem, t_flop), "bound": "memory" if t_mem >= t_flop else "compute",
             "weight_GB": w / 1e9, "cache_GB": cache / 1e9, "GFLOP": flops / 1e9}
@@ -160,14 +161,14 @@ def floor(gpt: GPT, batch: int) -> dict[str, float]:
 def run_decoding(model: DiGIT, batches: tuple[int, ...], steps: int) -> list[dict[str, Any]]:
     c, cuda = model.config, model.device.type == "cuda"
     rows = []
-    for stage, gpt in ((1, model.stage1), (2, model.stage2)):
+    for stage, gpt, T in ((1, model.stage1, c.stage1_positions), (2, model.stage2, c.stage2_positions)):
         n_prefix = 1 if stage == 1 else c.disc_grid ** 2 + 1
         grid = (c.disc_grid if stage == 1 else c.vq_grid) ** 2
         prefill = n_prefix + min(grid // 2, grid - 1 - steps)
         for b in batches:
-            row: dict[str, Any] = {"stage": stage, "batch": b, "prefill_tokens": prefill, "steps": steps, "floor": floor(gpt, b)}
-            row["eager_tokens_per_s"], row["prefill_s"] = decode_rate(gpt, b, prefill, steps, graphed=False)
-            row["graph_tokens_per_s"] = decode_rate(gpt, b, prefill, steps, graphed=True)[0] if cuda else None
+            row: dict[str, Any] = {"stage": stage, "batch": b, "prefill_tokens": prefill, "steps": steps, "floor": floor(gpt, b, T)}
+            row["eager_tokens_per_s"], row["prefill_s"] = decode_rate(gpt, b, T, prefill, steps, graphed=False)
+            row["graph_tokens_per_s"] = decode_rate(gpt, b, T, prefill, steps, graphed=True)[0] if cuda else None
             rows.append(row)
             graph = "-" if row["graph_tokens_per_s"] is None else f"{row['graph_tokens_per_s']:,.0f}"
             print(f"  stage {stage} batch {b}: eager {row['eager_tokens_per_s']:,.0f} tok/s, graph {graph}, "

@@ -212,6 +212,18 @@ class DiGITConfig:
     def vq_grid(self) -> int:
         return self.vqgan.grid
 
+    @property
+    def stage1_positions(self) -> int:
+        """Positions one stage-1 generation fills (the first token, then N - 1 codes): its KV cache length."""
+        return self.disc_grid ** 2
+
+    @property
+    def stage2_positions(self) -> int:
+        """Positions one stage-2 generation fills (N discriminative tokens, the separator, M - 1 VQ
+        codes): its KV cache length. The official models' position tables are longer (1024 + the
+        prefix); a cache of the whole table would make every decoding step read 2.5-4x more."""
+        return self.disc_grid ** 2 + self.vq_grid ** 2
+
     def validate(self) -> "DiGITConfig":
         """Raise ConfigError naming the first inconsistency between the parts."""
         e, cb, vq, s1, s2 = self.encoder, self.codebook, self.vqgan, self.stage1, self.stage2

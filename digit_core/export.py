@@ -3,7 +3,8 @@
     tokenizer.onnx   uint8 images [N, H, W, 3] -> ids [N, n, n], sq. distances [N, n, n], features [N, n, n, d]
     vq_encoder.onnx  uint8 images [N, H, W, 3] -> VQ ids [N, m, m], latents [N, m, m, d] (before quantization)
     vq_decoder.onnx  VQ ids [N, m, m] -> uint8 images [N, H, W, 3]
-    stage1.onnx      (tokens [B, S], start, cache [L, 2, B, H, context, hd]) -> (logits [B, V], cache_out)
+    stage1.onnx      (tokens [B, S], start, cache [L, 2, B, H, T, hd]) -> (logits [B, V], cache_out);
+                     T = the positions one generation fills (config.stage1_positions)
     stage2.onnx      the same for stage 2
 
 ``weights="float16"`` rounds the model's weights to float16 first and stores every initializer
@@ -90,10 +91,10 @@ def _graph_specs(model: DiGIT) -> dict[str, dict[str, Any]]:
     def vq_ids(b: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
         return (torch.randint(0, c.vqgan.n_embed, (b, m, m), generator=g),)
 
-    def stage(gpt: GPT) -> Callable[[int, torch.Generator], tuple[torch.Tensor, ...]]:
+    def stage(gpt: GPT, length: int) -> Callable[[int, torch.Generator], tuple[torch.Tensor, ...]]:
         def inputs(b: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
-            S = min(3 + b, gpt.cfg.context)   # a prefill chunk whose length differs between trace and check
-            return (torch.randint(0, gpt.cfg.vocab_size, (b, S), generator=g), torch.tensor(0), gpt.new_cache(b))
+            S = min(3 + b, length - 1)   # a prefill chunk whose length differs between trace and check
+            return (torch.randint(0, gpt.cfg.vocab_size, (b, S), generator=g), torch.tensor(0), gpt.new_cache(b, length))
         return inputs
 
     batch = {0: "N"}
@@ -106,8 +107,8 @@ def _graph_specs(model: DiGIT) -> dict[str, dict[str, Any]]:
                            axes={"images": batch, "ids": batch, "latents": batch}),
         "vq_decoder": dict(module=model.vq_decoder, make=vq_ids, inputs=["ids"], outputs=["images"],
                            axes={"ids": batch, "images": batch}),
-        "stage1": dict(module=GPTStep(model.stage1), make=stage(model.stage1), **step_io),
-        "stage2": dict(module=GPTStep(model.stage2), make=stage(model.stage2), **step_io),
+        "stage1": dict(module=GPTStep(model.stage1), make=stage(model.stage1, c.stage1_positions), **step_io),
+        "stage2": dict(module=GPTStep(model.stage2), make=stage(model.stage2, c.stage2_positions), **step_io),
     }
 
 

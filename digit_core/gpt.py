@@ -6,7 +6,8 @@ are one class. The switches that let the official fairseq checkpoints load exact
 without a final LayerNorm for stage 1, embedding scale sqrt(d), position offset 2, untied
 output projection) are config fields, not subclasses.
 
-The KV cache is one preallocated tensor ``[n_layer, 2, B, n_head, context, head_dim]``.
+The KV cache is one preallocated tensor ``[n_layer, 2, B, n_head, T, head_dim]``, ``T`` at most
+``context`` (the flows size it to the positions a generation fills, not the position table).
 ``forward(idx, start, cache)`` writes the keys/values of positions ``start .. start+S-1`` in
 place and attends over the whole cache with a position mask, so shapes never change between
 steps: decoding one token costs one token's compute and the ONNX graph is static.
@@ -28,7 +29,7 @@ from .config import GPTConfig
 
 class PastKV(NamedTuple):
     """One layer's cache in the functional step: read keys ``k`` and values ``v``
-    ``[B, H, context, hd]``, append this chunk's ``[2, B, H, S, hd]`` keys/values to ``new``."""
+    ``[B, H, T, hd]``, append this chunk's ``[2, B, H, S, hd]`` keys/values to ``new``."""
 
     k: torch.Tensor
     v: torch.Tensor
@@ -54,7 +55,7 @@ class SelfAttention(nn.Module):
             kv.new.append(torch.stack((k, v)))
             keys, values = (kv.k.to(q.dtype), k), (kv.v.to(q.dtype), v)
         elif kv is not None:
-            # kv: [2, B, H, context, hd]; write this chunk, then attend over the whole cache.
+            # kv: [2, B, H, T, hd]; write this chunk, then attend over the whole cache.
             kv.index_copy_(3, pos, torch.stack((k, v)).to(kv.dtype))
             keys, values = (kv[0].to(q.dtype),), (kv[1].to(q.dtype),)
         else:
@@ -124,11 +125,15 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def new_cache(self, batch: int, dtype: torch.dtype | None = None, device: torch.device | None = None) -> torch.Tensor:
-        """Preallocate the KV cache for ``batch`` sequences of up to ``cfg.context`` tokens."""
+    def new_cache(self, batch: int, length: int | None = None, dtype: torch.dtype | None = None,
+                  device: torch.device | None = None) -> torch.Tensor:
+        """Preallocate the KV cache for ``batch`` sequences of up to ``length`` tokens (default: ``cfg.context``)."""
         c = self.cfg
+        T = c.context if length is None else length
+        if not 0 < T <= c.context:
+            raise ValueError(f"cache length must be in 1..{c.context} (the context), got {T}")
         p = self.head.weight
-        return torch.zeros(c.n_layer, 2, batch, c.n_head, c.context, c.head_dim,
+        return torch.zeros(c.n_layer, 2, batch, c.n_head, T, c.head_dim,
                            dtype=dtype or p.dtype, device=device or p.device)
 
     def position_table(self) -> torch.Tensor:
@@ -144,9 +149,10 @@ class GPT(nn.Module):
         one it also attends to the cached positions before ``start`` and fills in its own.
         """
         B, S = idx.shape
-        ctx = self.cfg.context
-        if cache is None and isinstance(start, int) and start + S > ctx:
-            raise ValueError(f"sequence of {S} tokens at position {start} exceeds the context of {ctx}")
+        ctx = self.cfg.context if cache is None else cache.shape[-2]
+        if isinstance(start, int) and start + S > ctx:
+            what = "context" if cache is None else "KV cache length"
+            raise ValueError(f"sequence of {S} tokens at position {start} exceeds the {what} of {ctx}")
         pos = self._positions(idx, start)
         if cache is None:
             mask = pos[:, None] >= pos[None, :]
@@ -159,7 +165,7 @@ class GPT(nn.Module):
         position, a copy of ``cache`` with positions ``start .. start+S-1`` filled in``)``. ``cache``
         itself is not written: the graph reads each layer's slice once and writes the cache once."""
         S = idx.shape[1]
-        ctx = self.cfg.context
+        ctx = cache.shape[4]
         pos = self._positions(idx, start)
         # cached positions before start, then causal within the chunk
         mask = torch.cat(((torch.arange(ctx, device=idx.device)[None, :] < pos[:1, None]).expand(S, ctx),

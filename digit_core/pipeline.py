@@ -120,10 +120,10 @@ class DiGIT(nn.Module, Flows):
         return self.vq_decoder(_tensor(ids, self.device)).cpu().numpy()
 
     def open_stage1(self, batch: int) -> StepFn:
-        return _step_fn(self.stage1, batch)
+        return _step_fn(self.stage1, batch, self.config.stage1_positions)
 
     def open_stage2(self, batch: int) -> StepFn:
-        return _step_fn(self.stage2, batch)
+        return _step_fn(self.stage2, batch, self.config.stage2_positions)
 
     # -- save / load -------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
@@ -179,9 +179,9 @@ def _tensor(a: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(a if a.flags.writeable else a.copy()).to(device)
 
 
-def _step_fn(gpt: GPT, batch: int) -> StepFn:
-    """A numpy step function over ``gpt`` with its own preallocated KV cache."""
-    cache = gpt.new_cache(batch)
+def _step_fn(gpt: GPT, batch: int, length: int) -> StepFn:
+    """A numpy step function over ``gpt`` with its own preallocated KV cache of ``length`` positions."""
+    cache = gpt.new_cache(batch, length)
 
     @torch.inference_mode()
     def step(tokens: np.ndarray, start: int) -> np.ndarray:

@@ -250,17 +250,17 @@ class Bundle(Flows):
         c = self.config
         s, n, m, d = c.image_size, c.disc_grid, c.vq_grid, c.codebook.dim
 
-        def cache(g: GPTConfig) -> list:
-            return [g.n_layer, 2, None, g.n_head, g.context, g.head_dim]
+        def cache(g: GPTConfig, length: int) -> list:
+            return [g.n_layer, 2, None, g.n_head, length, g.head_dim]
 
         want = {
             "tokenizer": ({"images": [None, s, s, 3]}, {"ids": [None, n, n], "dists": [None, n, n], "features": [None, n, n, d]}),
             "vq_encoder": ({"images": [None, s, s, 3]}, {"ids": [None, m, m], "latents": [None, m, m, c.vqgan.embed_dim]}),
             "vq_decoder": ({"ids": [None, m, m]}, {"images": [None, s, s, 3]}),
-            "stage1": ({"tokens": [None, None], "start": [], "cache": cache(c.stage1.gpt)},
-                       {"logits": [None, c.stage1.gpt.out_vocab], "cache_out": cache(c.stage1.gpt)}),
-            "stage2": ({"tokens": [None, None], "start": [], "cache": cache(c.stage2.gpt)},
-                       {"logits": [None, c.stage2.gpt.out_vocab], "cache_out": cache(c.stage2.gpt)}),
+            "stage1": ({"tokens": [None, None], "start": [], "cache": cache(c.stage1.gpt, c.stage1_positions)},
+                       {"logits": [None, c.stage1.gpt.out_vocab], "cache_out": cache(c.stage1.gpt, c.stage1_positions)}),
+            "stage2": ({"tokens": [None, None], "start": [], "cache": cache(c.stage2.gpt, c.stage2_positions)},
+                       {"logits": [None, c.stage2.gpt.out_vocab], "cache_out": cache(c.stage2.gpt, c.stage2_positions)}),
         }
         for g, (ins, outs) in want.items():
             sess = self.sessions[g]
@@ -286,13 +286,13 @@ class Bundle(Flows):
         return self.sessions["vq_decoder"].run(None, {"ids": np.ascontiguousarray(ids, dtype=np.int64)})[0]
 
     def open_stage1(self, batch: int) -> StepFn:
-        return _step_fn(self.sessions["stage1"], self.config.stage1.gpt, batch, self.device)
+        return _step_fn(self.sessions["stage1"], self.config.stage1.gpt, batch, self.config.stage1_positions, self.device)
 
     def open_stage2(self, batch: int) -> StepFn:
-        return _step_fn(self.sessions["stage2"], self.config.stage2.gpt, batch, self.device)
+        return _step_fn(self.sessions["stage2"], self.config.stage2.gpt, batch, self.config.stage2_positions, self.device)
 
 
-def _step_fn(sess: ort.InferenceSession, g: GPTConfig, batch: int, device: str) -> StepFn:
+def _step_fn(sess: ort.InferenceSession, g: GPTConfig, batch: int, length: int, device: str) -> StepFn:
     """A step function with its own double-buffered KV cache on ``device``.
 
     The graph reads ``cache`` and writes ``cache_out``; binding them to two preallocated
@@ -302,7 +302,7 @@ def _step_fn(sess: ort.InferenceSession, g: GPTConfig, batch: int, device: str) 
     1,852 tokens/s at batch 1, 3,810 vs 3,883 at batch 16; bench/bench_runtime.py prints it), so
     both devices share this one path.
     """
-    shape = (g.n_layer, 2, batch, g.n_head, g.context, g.head_dim)
+    shape = (g.n_layer, 2, batch, g.n_head, length, g.head_dim)
     # Zeros, not garbage: masked positions still enter att @ v, and 0 * NaN would poison it.
     bufs = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32), device, 0),
             ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, device, 0)]

@@ -193,6 +193,26 @@ def test_unconditional_model_exports_and_samples(tmp_path: Path) -> None:
         b.sample(class_ids=[0])
 
 
+def test_caches_hold_the_positions_a_generation_fills_not_the_position_table(tmp_path: Path) -> None:
+    """Like the official ImageNet models (position tables of 1024, 256 + 256 tokens used): the KV
+    caches of both backends have as many positions as a generation fills, and they still agree."""
+    import dataclasses
+    c = tiny(3)
+    c = dataclasses.replace(c, stage1=dataclasses.replace(c.stage1, gpt=dataclasses.replace(c.stage1.gpt, max_len=40)),
+                            stage2=dataclasses.replace(c.stage2, gpt=dataclasses.replace(c.stage2.gpt, max_len=40)))
+    torch.manual_seed(0)
+    m = DiGIT(c.validate())
+    assert (c.stage1.gpt.context, c.stage1_positions, c.stage2.gpt.context, c.stage2_positions) == (40, 16, 56, 32)
+    b = load_bundle(export_bundle(m, tmp_path / "long"), device="cpu", threads=1)
+    for stage, T in ((1, 16), (2, 32)):
+        (cache,) = [i for i in b.sessions[f"stage{stage}"].get_inputs() if i.name == "cache"]
+        assert cache.shape[4] == T
+    want, got = m.generate([0, 2], seed=3, cfg=2.0), b.generate([0, 2], seed=3, cfg=2.0)
+    assert np.array_equal(got.disc_tokens, want.disc_tokens) and np.array_equal(got.vq_tokens, want.vq_tokens)
+    with pytest.raises(ValueError, match="KV cache length of 16"):
+        m.stage1(torch.zeros(1, 17, dtype=torch.long), 0, m.stage1.new_cache(1, 16))
+
+
 def test_runtime_imports_no_torch() -> None:
     code = "import sys, digit_core.runtime; assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)"
     r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1], capture_output=True, text=True)
