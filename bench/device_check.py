@@ -37,7 +37,6 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from bench.bench_decode import weight_bytes

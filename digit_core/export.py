@@ -47,7 +47,7 @@ import torch
 import torch.nn as nn
 
 from .gpt import GPT
-from .pipeline import DiGIT, images_to_input
+from .pipeline import DiGIT
 from .runtime import FORMAT, MAX_IR_VERSION, SUPPORTED_FORMAT_VERSIONS, sha256
 
 FORMAT_VERSION = SUPPORTED_FORMAT_VERSIONS[-1]

@@ -1,7 +1,7 @@
 """Values checked against dataclass type hints, for files and command lines written by people.
 
 One checker for the two places that read them: a bundle's ``config.json`` (``digit_core.runtime``)
-and the training configs (``training.common.parse_config``). Only the hint forms our configs use
+and the training configs (``training.config.parse_config``). Only the hint forms our configs use
 are understood: ``int``, ``float``, ``str``, ``bool``, ``tuple[X, ...]``, ``tuple[X, Y]``,
 ``list[X]``, ``dict``, ``X | None`` and nested dataclasses.
 """

@@ -13,7 +13,9 @@ from digit_core.codebook import fit_kmeans
 from digit_core.config import ConfigError, imagenet_base, tiny
 from digit_core.demo import keep_rows_for
 from digit_core.pipeline import DiGIT
-from training.common import RunConfig, atomic_save, load_tensors, model_config, parse_config
+from training.config import RunConfig, parse_config
+from training.data import model_config
+from training.files import atomic_save, load_tensors
 
 CLASSES = ["class0", "class1", "class2"]
 SMALL = ["--batch=8", "--n_stability=6", "--n_probe_train=24", "--n_probe_test=8", "--n_control_fit=12",

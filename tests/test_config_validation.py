@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from digit_core.config import ConfigError
-from training.common import Trainer, parse_config
+from training.config import parse_config
+from training.trainer import Trainer
 from training.ssl import SSLConfig
 from training.stage1 import Stage1Config
 from training.vqgan import VQGANTrainConfig

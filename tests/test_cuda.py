@@ -19,7 +19,7 @@ import torch
 
 from digit_core.config import tiny
 from digit_core.pipeline import DiGIT
-from training.common import atomic_save, load_tensors
+from training.files import atomic_save, load_tensors
 
 DEVICE = os.environ.get("DIGIT_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else None)
 pytestmark = [pytest.mark.cuda,

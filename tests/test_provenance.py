@@ -14,7 +14,8 @@ from PIL import Image
 from digit_core.config import tiny
 from digit_core.encoders import Encoder
 from training import features, stage1, vqgan
-from training.common import CHECKPOINT, StaleRunError, atomic_save, load_tensors, read_meta
+from training.files import StaleRunError, atomic_save, load_tensors, read_meta
+from training.trainer import CHECKPOINT
 
 TINY = ["--model=tiny", "--batch_size=8", "--workers=0"]
 

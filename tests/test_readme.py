@@ -66,7 +66,7 @@ def test_editable_install_imports_from_another_directory(tmp_path: Path) -> None
     assert r.returncode == 0, r.stdout + r.stderr
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    code = ("import digit_core.flows, digit_core.runtime, training.common, training.analyses.completion as c; "
+    code = ("import digit_core.flows, digit_core.runtime, training.trainer, training.analyses.completion as c; "
             "print(digit_core.flows.__file__); print(c.__file__)")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     r = subprocess.run([str(py), "-c", code], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600)

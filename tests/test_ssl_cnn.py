@@ -14,7 +14,7 @@ from digit_core.encoders import Encoder
 from digit_core.export import export_bundle
 from digit_core.pipeline import DiGIT
 from digit_core.runtime import load_bundle
-from training.common import load_tensors
+from training.files import load_tensors
 from training.ssl import SSLConfig, SSLModel, crops, same_places, vicreg
 from test_training import make_folder
 
@@ -142,7 +142,7 @@ def test_the_shipped_recipe_runs_end_to_end_on_a_tiny_dataset(tmp_path: Path, fo
     """training/fmnist.sh with the shipped self-supervised recipe (training/fmnist.yaml) as the
     base, shrunk to a tiny CNN, a tiny folder and a few steps; the VQGAN reused from a file."""
     from digit_core.vqgan import VQGAN
-    from training.common import atomic_save
+    from training.files import atomic_save
     torch.manual_seed(0)
     atomic_save(VQGAN(preset("tiny-cnn").vqgan).state_dict(), tmp_path / "vq.safetensors")   # an untrained one will do
     recipe = {"base": str(REPO / "training/fmnist.yaml"), "root": str(tmp_path / "run"), "model": "tiny-cnn",

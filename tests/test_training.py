@@ -15,7 +15,8 @@ from PIL import Image
 
 from digit_core.config import ConfigError
 from digit_core.data import FMNIST_DIR, FashionMNIST, ImageFolder
-from training.common import load_tensors, parse_config
+from training.config import parse_config
+from training.files import load_tensors
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--model=tiny", "--batch_size=8", "--workers=0"]

@@ -13,7 +13,9 @@ from typing import ClassVar
 
 from digit_core.config import DiGITConfig
 from digit_core.pipeline import DiGIT
-from training.common import RunConfig, Trainer, load_tensors, parse_config, require
+from training.config import RunConfig, parse_config
+from training.files import load_tensors, require
+from training.trainer import Trainer
 
 
 @dataclass

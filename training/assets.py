@@ -42,7 +42,8 @@ from tqdm import tqdm
 
 from digit_core import demo
 from digit_core.runtime import Bundle, load_bundle
-from training.common import RunConfig, as_uint8, load_data, test_split
+from training.config import RunConfig
+from training.data import as_uint8, load_data, test_split
 
 BACKGROUND = (72, 88, 112)   # gaps between tiles and outside the image: a slate blue no grey pixel has
 OUTLINE = (255, 96, 0)       # around the patch itself

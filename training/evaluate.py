@@ -20,7 +20,7 @@ beside its target or reference), and logs the wall time of each part:
 6. linear probe of the tokenizer's mean-pooled features vs raw pixels (``training.ssl.linear_probe``);
 7. the paper's Table 1 (``digit_core.metrics.stability``) on ``table1_n`` test images.
 
-Images come from ``training.common.load_data`` at the bundle's size and channels (Fashion-MNIST
+Images come from ``training.data.load_data`` at the bundle's size and channels (Fashion-MNIST
 padded to 32x32), both splits held in memory; ``test_data`` names the held-out split (default
 ``fmnist:test`` for fmnist, else a seeded fifth of ``data`` is held out). Everything is seeded:
 a rerun gives the same figures.
@@ -46,7 +46,9 @@ from tqdm import tqdm
 from digit_core.metrics import PAPER_TABLE1, add_noise, bootstrap_ci, stability
 from digit_core.pipeline import images_to_input
 from digit_core.runtime import Bundle, load_bundle
-from training.common import RunConfig, as_uint8, atomic_save, load_data, load_tensors, parse_config, test_split
+from training.config import RunConfig, parse_config
+from training.data import as_uint8, load_data, test_split
+from training.files import atomic_save, load_tensors
 from training.ssl import linear_probe
 
 log = logging.getLogger("digit.evaluate")

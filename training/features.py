@@ -24,8 +24,12 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from training.common import (RunConfig, Trainer, as_json, data_identity, differences, file_digest, load_data, load_encoder,
-                             parse_config, to_channels)
+from digit_core.pipeline import to_channels
+from training.config import RunConfig, parse_config
+from training.data import load_data
+from training.files import as_json, data_identity, differences, file_digest
+from training.tokens import load_encoder
+from training.trainer import Trainer
 
 
 @dataclass

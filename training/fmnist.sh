@@ -15,7 +15,7 @@ VQGAN=${VQGAN:-}
 # root and data as every stage resolves them: the config file, then the overrides
 { read -r ROOT; read -r DATA; } < <(python -c "
 import sys
-from training.common import RunConfig, parse_config
+from training.config import RunConfig, parse_config
 c = parse_config(RunConfig, sys.argv[1:])
 print(c.root); print(c.data)" --config "$CONFIG" "$@")
 for stage in ssl features kmeans vqgan stage1 stage2 assemble; do

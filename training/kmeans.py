@@ -17,7 +17,10 @@ import numpy as np
 import torch
 
 from digit_core.codebook import Codebook, fit_kmeans, usage_stats
-from training.common import RunConfig, Trainer, atomic_save, model_config, parse_config
+from training.config import RunConfig, parse_config
+from training.data import model_config
+from training.files import atomic_save
+from training.trainer import Trainer
 
 
 @dataclass

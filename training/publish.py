@@ -14,7 +14,7 @@ import argparse
 import shutil
 from pathlib import Path
 
-from training.common import atomic_save, load_tensors, require
+from training.files import atomic_save, load_tensors, require
 
 # stage -> (artifact in <root>/<stage>/, folder under --out)
 ARTIFACTS = {"ssl": ("encoder.safetensors", "encoder"), "kmeans": ("codebook.safetensors", "codebook"),

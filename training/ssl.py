@@ -48,7 +48,10 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 from digit_core.encoders import Encoder
-from training.common import TrainConfig, Trainer, at_least, fraction, load_data, one_of, parse_config, to_channels
+from digit_core.pipeline import to_channels
+from training.config import TrainConfig, at_least, fraction, one_of, parse_config
+from training.data import load_data
+from training.trainer import Trainer
 
 
 OBJECTIVES = ("dino_ibot", "dino", "ibot", "contrastive", "vicreg_dense", "supervised")

@@ -23,8 +23,10 @@ import torch
 
 from digit_core.config import ConfigError, DiGITConfig
 from digit_core.gpt import GPT
-from training.common import (TokenDataset, TrainConfig, Trainer, code_loss, disc_tokenizer, load_data, model_config,
-                             parse_config, token_datasets, vq_tokenizer)
+from training.config import TrainConfig, parse_config
+from training.data import load_data, model_config
+from training.tokens import TokenDataset, code_loss, disc_tokenizer, token_datasets, vq_tokenizer
+from training.trainer import Trainer
 
 TOKENS = ("disc", "vq")
 

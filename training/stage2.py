@@ -15,8 +15,10 @@ from typing import ClassVar
 import torch
 
 from digit_core.gpt import GPT
-from training.common import (TokenDataset, TrainConfig, Trainer, code_loss, disc_tokenizer, load_data, parse_config,
-                             token_datasets, vq_tokenizer)
+from training.config import TrainConfig, parse_config
+from training.data import load_data
+from training.tokens import TokenDataset, code_loss, disc_tokenizer, token_datasets, vq_tokenizer
+from training.trainer import Trainer
 
 
 @dataclass

@@ -22,7 +22,12 @@ import torch.nn.functional as F
 
 from digit_core.codebook import usage_stats
 from digit_core.vqgan import VQGAN
-from training.common import TrainConfig, Trainer, file_digest, load_data, load_encoder, parse_config, to_channels
+from digit_core.pipeline import to_channels
+from training.config import TrainConfig, parse_config
+from training.data import load_data
+from training.files import file_digest
+from training.tokens import load_encoder
+from training.trainer import Trainer
 
 
 @dataclass

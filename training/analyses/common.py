@@ -18,7 +18,7 @@ from PIL import Image
 from digit_core.flows import Flows
 from digit_core.pipeline import DiGIT
 from digit_core.viz import upscale
-from training.common import load_tensors, require
+from training.files import load_tensors, require
 from training.evaluate import (EvalConfig, Labelled, as_uint8, classify, frechet_distance, from_uint8, get_classifier,
                                load_splits)
 from training.ssl import linear_probe

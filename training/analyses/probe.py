@@ -23,7 +23,7 @@ import torch
 from digit_core.config import DiGITConfig
 from digit_core.pipeline import DiGIT
 from training.analyses.common import Context, Section, batched, fmt, probe_accuracy, table
-from training.common import load_tensors, require
+from training.files import load_tensors, require
 
 PAPER = {"best_top1": 71.7, "model": "219M, 16 layers, K=8192 (Table 2)",
          "shape": "rises quickly after the first block, peaks in the middle layers and dips a little in the last "

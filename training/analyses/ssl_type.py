@@ -31,7 +31,7 @@ from digit_core.config import DiGITConfig
 from digit_core.metrics import SNR_LEVELS_DB, Encode, disc_encode, token_stability
 from training.analyses.common import Context, Section, batched, fmt, images_text, table
 from training.analyses.stability import MARGIN, kmeans_model, probe_and_usage, value_at
-from training.common import load_tensors, require
+from training.files import load_tensors, require
 
 PAPER = [  # Table 4a: SSL type, FID, IS, Acc@LP (probe of the AR model), Acc@OL (probe of the SSL model)
     {"tokenizer": "MAE", "type": "P+R", "fid": 45.51, "is": 18.39, "acc_lp": 31.40, "acc_ol": 75.8},

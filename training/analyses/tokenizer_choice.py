@@ -35,7 +35,8 @@ from digit_core.pipeline import DiscTokenizer, VQEncoder
 from digit_core.vqgan import VQGAN
 from training.analyses.common import batched
 from training.analyses.stability import probe_and_usage
-from training.common import as_uint8, atomic_write_text, load_tensors, require
+from training.data import as_uint8
+from training.files import atomic_write_text, load_tensors, require
 
 
 def images(spec: str, cfg: DiGITConfig, n: int) -> tuple[np.ndarray, np.ndarray]:

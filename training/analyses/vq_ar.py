@@ -20,7 +20,7 @@ from digit_core.gpt import GPT
 from digit_core.pipeline import DiGIT, VQDecoder, VQEncoder, _step_fn, _tensor
 from digit_core.sampling import Sampler
 from digit_core.vqgan import VQGAN
-from training.common import load_tensors, require
+from training.files import load_tensors, require
 
 
 class VQAutoregressive(nn.Module, Flows):
@@ -63,7 +63,7 @@ class VQAutoregressive(nn.Module, Flows):
         return ids.cpu().numpy(), dist.float().cpu().numpy(), z.float().cpu().numpy()
 
     def open_stage1(self, batch: int) -> StepFn:
-        return _step_fn(self.stage1, batch)
+        return _step_fn(self.stage1, batch, self.config.vq_grid ** 2)   # one VQ code per position
 
     def open_stage2(self, batch: int) -> StepFn:
         raise NotImplementedError("a VQ-token model has no stage 2: its stage-1 codes are VQ ids")
