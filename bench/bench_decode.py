@@ -16,7 +16,7 @@ import time
 import numpy as np
 import torch
 
-from digit_core.config import fmnist_small
+from digit_core.presets import fmnist_small
 from digit_core.gpt import GPT
 
 

@@ -39,7 +39,7 @@ import torch
 
 from bench.bench_decode import copy_bandwidth
 from bench.bench_runtime import best_times, decode_parts, graph_weight_bytes
-from digit_core.config import preset
+from digit_core.presets import preset
 from digit_core.encoders import Encoder
 from digit_core.export import export_bundle
 from digit_core.flows import Flows

@@ -23,7 +23,7 @@ import onnxruntime as ort
 import torch
 
 from bench.bench_decode import copy_bandwidth, weight_bytes
-from digit_core.config import fmnist_small
+from digit_core.presets import fmnist_small
 from digit_core.export import export_bundle
 from digit_core.flows import Flows
 from digit_core.pipeline import DiGIT

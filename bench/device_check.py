@@ -40,7 +40,7 @@ from typing import Any, Callable
 import torch
 
 from bench.bench_decode import weight_bytes
-from digit_core.config import preset
+from digit_core.presets import preset
 from digit_core.gpt import GPT
 from digit_core.pipeline import DiGIT
 

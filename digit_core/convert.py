@@ -30,7 +30,8 @@ import torch
 import torch.nn as nn
 
 from .codebook import Codebook
-from .config import FAIRSEQ_SPECIALS, DiGITConfig, GPTConfig, imagenet_base, imagenet_large
+from .config import DiGITConfig, GPTConfig
+from .presets import FAIRSEQ_SPECIALS, imagenet_base, imagenet_large
 from .encoders import load_dinov2_weights
 from .pipeline import DiGIT
 
@@ -227,7 +228,7 @@ def check_checkpoint(ckpt: FairseqCheckpoint, stage: int, expected: GPTConfig) -
               if k in ckpt.options and ckpt.options[k] != v]
     if diffs:
         raise ConvertError(f"{ckpt.path}: stage-{stage} architecture differs from the config: " + "; ".join(diffs)
-                           + " (wrong file, or a preset in digit_core/config.py to correct; --config takes another)")
+                           + " (wrong file, or a preset in digit_core/presets.py to correct; --config takes another)")
 
 
 # -- key mapping -------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from digit_core.codebook import fit_kmeans
-from digit_core.config import ConfigError, imagenet_base, tiny
+from digit_core.config import ConfigError
+from digit_core.presets import imagenet_base, tiny
 from digit_core.demo import keep_rows_for
 from digit_core.pipeline import DiGIT
 from training.config import RunConfig, parse_config

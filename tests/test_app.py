@@ -24,7 +24,7 @@ import pytest
 import torch
 from PIL import Image
 
-from digit_core.config import tiny
+from digit_core.presets import tiny
 from digit_core.export import export_bundle
 from digit_core.images import load_image
 from digit_core.pipeline import DiGIT

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from digit_core import demo
-from digit_core.config import tiny
+from digit_core.presets import tiny
 from digit_core.data import ImageFolder
 from digit_core.export import export_bundle
 from digit_core.images import load_image

@@ -10,7 +10,7 @@ import onnx
 import pytest
 import torch
 
-from digit_core.config import tiny
+from digit_core.presets import tiny
 from digit_core.export import export_bundle
 from digit_core.pipeline import DiGIT
 from digit_core import runtime

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from digit_core import convert as cv
-from digit_core.config import DiGITConfig, EncoderConfig, GPTConfig, VQGANConfig, fairseq_layout
+from digit_core.config import DiGITConfig, EncoderConfig, GPTConfig, VQGANConfig
+from digit_core.presets import fairseq_layout
 from digit_core.gpt import GPT
 from digit_core.pipeline import DiGIT
 from digit_core.runtime import Bundle

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from digit_core.config import tiny
+from digit_core.presets import tiny
 from digit_core.pipeline import DiGIT
 from training.files import atomic_save, load_tensors
 

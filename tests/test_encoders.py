@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from digit_core.config import EncoderConfig, fmnist_small, tiny
+from digit_core.config import EncoderConfig
+from digit_core.presets import fmnist_small, tiny
 from digit_core.encoders import Encoder, load_dinov2_weights, resample_pos_embed_official
 
 # DINOv2-reg4 architecture at a tiny width: 256 -> 224, patch 14, 16x16 grid, block -3 + norm.

@@ -11,12 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from digit_core.config import tiny
+from digit_core.presets import tiny
 from digit_core.export import export_bundle
 from digit_core.pipeline import DiGIT
 from digit_core.runtime import BundleError
+from training.data import as_uint8
+from training.evaltools import EvalConfig, frechet_distance, from_uint8, held_out_spec
+from training.evaluate import main
 from training.files import atomic_save
-from training.evaluate import EvalConfig, as_uint8, frechet_distance, from_uint8, held_out_spec, main
 
 torch.set_num_threads(1)
 

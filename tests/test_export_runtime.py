@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from digit_core.config import SamplingConfig, tiny
+from digit_core.config import SamplingConfig
+from digit_core.presets import tiny
 from digit_core.export import export_bundle
 from digit_core.pipeline import DiGIT
 from digit_core.runtime import Bundle, BundleError, load_bundle

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from digit_core.config import GPTConfig, imagenet_base, tiny
+from digit_core.config import GPTConfig
+from digit_core.presets import imagenet_base, tiny
 from digit_core.gpt import GPT
 
 

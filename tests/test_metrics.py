@@ -68,7 +68,7 @@ def test_paper_table() -> None:
 def test_stability_table() -> None:
     import torch
 
-    from digit_core.config import tiny
+    from digit_core.presets import tiny
     from digit_core.metrics import stability
     from digit_core.pipeline import DiGIT
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from digit_core.config import ConfigError, DiGITConfig, SamplingConfig, tiny
+from digit_core.config import ConfigError, DiGITConfig, SamplingConfig
+from digit_core.presets import tiny
 from digit_core.flows import SamplingSettings, keep_rows_for
 from digit_core.pipeline import DiGIT
 
@@ -242,6 +243,6 @@ def test_mismatched_or_broken_model_files(model: DiGIT, tmp_path: Path) -> None:
 def test_config_round_trip_and_unknown_preset() -> None:
     c = tiny()
     assert DiGITConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
-    from digit_core.config import preset
+    from digit_core.presets import preset
     with pytest.raises(ConfigError, match="unknown preset"):
         preset("nope")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from digit_core.config import tiny
+from digit_core.presets import tiny
 from digit_core.encoders import Encoder
 from training import features, stage1, vqgan
 from training.files import StaleRunError, atomic_save, load_tensors, read_meta

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from digit_core.config import tiny
+from digit_core.presets import tiny
 from digit_core.export import export_bundle
 from digit_core.pipeline import DiGIT
 from training.sampling_sweep import choose, main

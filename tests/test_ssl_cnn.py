@@ -9,7 +9,8 @@ import pytest
 import torch
 import yaml
 
-from digit_core.config import ConfigError, preset
+from digit_core.config import ConfigError
+from digit_core.presets import preset
 from digit_core.encoders import Encoder
 from digit_core.export import export_bundle
 from digit_core.pipeline import DiGIT

@@ -18,7 +18,7 @@ pytest.importorskip("gradio")
 import gradio as gr  # noqa: E402
 
 from digit_core import demo, viz  # noqa: E402
-from digit_core.config import tiny  # noqa: E402
+from digit_core.presets import tiny  # noqa: E402
 from digit_core.export import export_bundle  # noqa: E402
 from digit_core import images  # noqa: E402
 from digit_core.images import ImageError, load_image  # noqa: E402

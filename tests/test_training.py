@@ -179,7 +179,7 @@ def test_info_nce_rewards_matching_views() -> None:
 
 
 def test_contrastive_ssl_trains_a_conv_stem_encoder(tmp_path: Path, folder: Path) -> None:
-    from digit_core.config import tiny
+    from digit_core.presets import tiny
     from digit_core.encoders import Encoder
     from training import ssl
     cfg = tiny(3)
@@ -200,7 +200,7 @@ def test_contrastive_ssl_trains_a_conv_stem_encoder(tmp_path: Path, folder: Path
 
 def test_every_trained_parameter_gets_a_gradient() -> None:
     """DDP fails on parameters that take no gradient: each objective's model holds only its own."""
-    from digit_core.config import tiny
+    from digit_core.presets import tiny
     from digit_core.encoders import Encoder
     from training.ssl import OBJECTIVES, SSLConfig, SSLModel, info_nce, random_masks
     e = tiny(3).encoder

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from digit_core.config import VQGANConfig, fmnist_small, imagenet_base, tiny
+from digit_core.config import VQGANConfig
+from digit_core.presets import fmnist_small, imagenet_base, tiny
 from digit_core.vqgan import VQGAN
 
 

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from digit_core.config import PRESETS, ConfigError
+from digit_core.config import ConfigError
+from digit_core.presets import PRESETS
 from digit_core.typecheck import check_value
 
 STAGES = ("ssl", "features", "kmeans", "vqgan", "stage1", "stage2", "assemble")

@@ -5,14 +5,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from digit_core.config import (
-    FAIRSEQ_SPECIALS,
-    ConfigError,
-    DiGITConfig,
-    fairseq_layout,
-    our_layout,
-    preset,
-)
+from digit_core.config import ConfigError, DiGITConfig
+from digit_core.presets import FAIRSEQ_SPECIALS, fairseq_layout, our_layout, preset
 from digit_core.pipeline import output_to_images
 from training.config import RunConfig
 

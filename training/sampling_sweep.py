@@ -28,8 +28,8 @@ import torch
 from digit_core.metrics import bootstrap_ci
 from digit_core.runtime import load_bundle
 from training.config import parse_config
+from training.evaltools import EvalConfig, classify, frechet_distance, from_uint8, get_classifier, load_splits
 from training.files import atomic_write_text
-from training.evaluate import EvalConfig, classify, frechet_distance, from_uint8, get_classifier, load_splits
 
 
 @dataclass

@@ -51,8 +51,8 @@ from digit_core.encoders import Encoder
 from digit_core.pipeline import to_channels
 from training.config import TrainConfig, at_least, fraction, one_of, parse_config
 from training.data import load_data
+from training.evaltools import linear_probe
 from training.trainer import Trainer
-
 
 OBJECTIVES = ("dino_ibot", "dino", "ibot", "contrastive", "vicreg_dense", "supervised")
 
@@ -446,28 +446,6 @@ def probe(tr: Trainer, sets: tuple[torch.Tensor, ...]) -> dict[str, float]:
     acc = linear_probe(*sets, feats)
     tr.info(f"step {tr.step}: linear probe {acc:.4f}")
     return {"probe": acc}
-
-
-def linear_probe(x_tr: torch.Tensor, y_tr: torch.Tensor, x_te: torch.Tensor, y_te: torch.Tensor, featurize,
-                 epochs: int = 100, wd: float = 1e-4) -> float:
-    """Test accuracy of a multinomial logistic regression on standardised features (full-batch L-BFGS)."""
-    with torch.no_grad():
-        f_tr, f_te = featurize(x_tr).float(), featurize(x_te).float()
-        mu, sd = f_tr.mean(0), f_tr.std(0) + 1e-6
-        f_tr, f_te = (f_tr - mu) / sd, (f_te - mu) / sd
-    n_cls = int(max(y_tr.max(), y_te.max())) + 1
-    lin = nn.Linear(f_tr.shape[1], n_cls)
-    opt = torch.optim.LBFGS(lin.parameters(), lr=1, max_iter=epochs, history_size=20, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = F.cross_entropy(lin(f_tr), y_tr) + wd * lin.weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    with torch.no_grad():
-        return (lin(f_te).argmax(1) == y_te).float().mean().item()
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from training.analyses import ablation, completion, probe, ssl_type, stability
 from training.analyses.common import ORDER, Context, Options, Section, write_readme, write_section
-from training.evaluate import EvalConfig, held_out_spec
+from training.evaltools import EvalConfig, held_out_spec
 
 ANALYSES: dict[str, Callable[[Context], Section]] = {
     "stability": stability.run, "probe": probe.run, "ablation": ablation.run, "ssl_type": ssl_type.run,

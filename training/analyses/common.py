@@ -18,10 +18,18 @@ from PIL import Image
 from digit_core.flows import Flows
 from digit_core.pipeline import DiGIT
 from digit_core.viz import upscale
+from training.data import as_uint8
+from training.evaltools import (
+    EvalConfig,
+    Labelled,
+    classify,
+    frechet_distance,
+    from_uint8,
+    get_classifier,
+    linear_probe,
+    load_splits,
+)
 from training.files import load_tensors, require
-from training.evaluate import (EvalConfig, Labelled, as_uint8, classify, frechet_distance, from_uint8, get_classifier,
-                               load_splits)
-from training.ssl import linear_probe
 
 ORDER = ("stability", "probe", "ablation", "ssl_type", "completion")   # the paper's order
 CLOSE = 0.05
@@ -144,7 +152,7 @@ def batched(fn: Callable[[np.ndarray], Any], x: np.ndarray, batch: int) -> list[
 
 
 def probe_accuracy(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray]) -> float:
-    """Test accuracy of ``training.ssl.linear_probe`` (logistic regression on standardised
+    """Test accuracy of ``training.evaltools.linear_probe`` (logistic regression on standardised
     features) from feature arrays ``(x [N, d], labels [N])``."""
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a))
     with torch.random.fork_rng():   # the probe's init draws from the global generator: fix it, leave it as it was
