@@ -268,3 +268,15 @@ def test_fmnist_script_runs_every_stage_to_a_bundle_and_assets(tmp_path: Path, f
     assert bundle.sample([0, 1], seed=0).shape == (2, 16, 16, 3)
     assert len(list((tmp_path / "assets/examples/bundle").glob("*.png"))) > 0
     assert (tmp_path / "assets/clusters/bundle/sizes.json").is_file()
+
+
+@pytest.mark.parametrize("stage", ["ssl", "features", "kmeans", "vqgan", "stage1", "stage2", "assemble", "evaluate",
+                                   "sampling_sweep", "publish", "eval_imagenet"])
+def test_a_stage_run_as_a_file_says_how_to_run_it(stage: str) -> None:
+    """``python training/X.py`` puts training/ first on the path, where ssl.py would shadow the
+    standard library's ssl (a circular-import traceback inside torch): each stage says instead
+    how to run it, before importing anything."""
+    r = subprocess.run([sys.executable, f"training/{stage}.py", "--help"], cwd=REPO, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 1 and r.stderr.strip() == (f"run the stages as modules from the repository root: "
+                                                      f"python -m training.{stage} --help")

@@ -8,6 +8,9 @@ with); every part is loaded strictly, so a part trained for another config fails
 """
 from __future__ import annotations
 
+if __name__ == "__main__" and not __package__:   # run as a file, training/ would shadow the standard library
+    raise SystemExit("run the stages as modules from the repository root: python -m training.assemble --help")
+
 from dataclasses import dataclass
 from typing import ClassVar
 

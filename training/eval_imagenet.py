@@ -25,6 +25,9 @@ use downloads the Inception weights, so run it once where there is network.
 """
 from __future__ import annotations
 
+if __name__ == "__main__" and not __package__:   # run as a file, training/ would shadow the standard library
+    raise SystemExit("run the stages as modules from the repository root: python -m training.eval_imagenet --help")
+
 import argparse
 import os
 import sys

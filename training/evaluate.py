@@ -27,6 +27,9 @@ a rerun gives the same figures.
 """
 from __future__ import annotations
 
+if __name__ == "__main__" and not __package__:   # run as a file, training/ would shadow the standard library
+    raise SystemExit("run the stages as modules from the repository root: python -m training.evaluate --help")
+
 import contextlib
 import dataclasses
 import json

@@ -12,6 +12,9 @@ reads them all. A finished shard is skipped when the stage is rerun, unless its 
 """
 from __future__ import annotations
 
+if __name__ == "__main__" and not __package__:   # run as a file, training/ would shadow the standard library
+    raise SystemExit("run the stages as modules from the repository root: python -m training.features --help")
+
 import dataclasses
 import json
 import math

@@ -9,6 +9,9 @@ One process: faiss parallelises over the GPUs itself.
 """
 from __future__ import annotations
 
+if __name__ == "__main__" and not __package__:   # run as a file, training/ would shadow the standard library
+    raise SystemExit("run the stages as modules from the repository root: python -m training.kmeans --help")
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar

@@ -10,6 +10,9 @@ Float16 halves the bytes; the training scripts load the files into float32 modul
 """
 from __future__ import annotations
 
+if __name__ == "__main__" and not __package__:   # run as a file, training/ would shadow the standard library
+    raise SystemExit("run the stages as modules from the repository root: python -m training.publish --help")
+
 import argparse
 import shutil
 from pathlib import Path

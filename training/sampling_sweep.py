@@ -16,6 +16,9 @@ diversity for fidelity, so the most guided setting is rarely the best by both me
 """
 from __future__ import annotations
 
+if __name__ == "__main__" and not __package__:   # run as a file, training/ would shadow the standard library
+    raise SystemExit("run the stages as modules from the repository root: python -m training.sampling_sweep --help")
+
 import json
 import time
 from dataclasses import dataclass

@@ -37,6 +37,9 @@ sizes) and the CNN trains in channels-last fp32 (bf16 convolutions are slower on
 """
 from __future__ import annotations
 
+if __name__ == "__main__" and not __package__:   # run as a file, training/ would shadow the standard library
+    raise SystemExit("run the stages as modules from the repository root: python -m training.ssl --help")
+
 import math
 from dataclasses import dataclass
 from typing import ClassVar

@@ -15,6 +15,9 @@ data and budget on the VQGAN's own ids (K = vqgan.n_embed) instead of cluster id
 """
 from __future__ import annotations
 
+if __name__ == "__main__" and not __package__:   # run as a file, training/ would shadow the standard library
+    raise SystemExit("run the stages as modules from the repository root: python -m training.stage1 --help")
+
 import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar

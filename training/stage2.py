@@ -9,6 +9,9 @@ their mirror images): the frozen tokenizer and the trained VQGAN's encoder.
 """
 from __future__ import annotations
 
+if __name__ == "__main__" and not __package__:   # run as a file, training/ would shadow the standard library
+    raise SystemExit("run the stages as modules from the repository root: python -m training.stage2 --help")
+
 from dataclasses import dataclass
 from typing import ClassVar
 

@@ -11,6 +11,9 @@ encoder outputs of the current batch (a 0.8M VQ-VAE reached 25.9 dB on Fashion-M
 """
 from __future__ import annotations
 
+if __name__ == "__main__" and not __package__:   # run as a file, training/ would shadow the standard library
+    raise SystemExit("run the stages as modules from the repository root: python -m training.vqgan --help")
+
 import math
 from dataclasses import dataclass
 from typing import ClassVar
