@@ -16,7 +16,8 @@ from digit_core.export import export_bundle
 from digit_core.pipeline import DiGIT
 from digit_core.runtime import load_bundle
 from training.files import load_tensors
-from training.ssl import SSLConfig, SSLModel, crops, same_places, vicreg
+from training.ssl import SSLConfig, SSLModel
+from training.ssl_objectives import crops, same_places, vicreg
 from test_training import make_folder
 
 REPO = Path(__file__).resolve().parents[1]

@@ -169,7 +169,7 @@ def test_two_process_ddp_on_cpu(tmp_path: Path, folder: Path) -> None:
 
 # -- self-supervised objectives ---------------------------------------------------------------------------
 def test_info_nce_rewards_matching_views() -> None:
-    from training.ssl import info_nce
+    from training.ssl_objectives import info_nce
     z = torch.nn.functional.normalize(torch.randn(8, 16), dim=-1)
     matched = info_nce(torch.cat([z, z]), 0.1)            # each view's positive is itself: easy
     shuffled = info_nce(torch.cat([z, z.roll(1, 0)]), 0.1)   # positives are other images
@@ -202,7 +202,8 @@ def test_every_trained_parameter_gets_a_gradient() -> None:
     """DDP fails on parameters that take no gradient: each objective's model holds only its own."""
     from digit_core.presets import tiny
     from digit_core.encoders import Encoder
-    from training.ssl import OBJECTIVES, SSLConfig, SSLModel, info_nce, random_masks
+    from training.ssl import OBJECTIVES, SSLConfig, SSLModel
+    from training.ssl_objectives import info_nce, random_masks
     e = tiny(3).encoder
     for objective in (o for o in OBJECTIVES if o != "vicreg_dense"):   # on a CNN: tests/test_ssl_cnn.py
         cfg = SSLConfig(objective=objective, out_dim=32, head_hidden=16, head_bottleneck=8)
