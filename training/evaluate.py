@@ -46,17 +46,8 @@ from digit_core.metrics import PAPER_TABLE1, add_noise, bootstrap_ci, stability
 from digit_core.runtime import Bundle, load_bundle
 from training.config import parse_config
 from training.data import as_uint8
-from training.evaltools import (
-    EvalConfig,
-    Labelled,
-    classify,
-    frechet_distance,
-    from_uint8,
-    get_classifier,
-    held_out_spec,
-    linear_probe,
-    load_splits,
-)
+from training.evaltools import (EvalConfig, Labelled, classify, frechet_distance, from_uint8, get_classifier,
+                                held_out_spec, linear_probe, load_splits)
 
 log = logging.getLogger("digit.evaluate")
 

@@ -19,16 +19,8 @@ from digit_core.flows import Flows
 from digit_core.pipeline import DiGIT
 from digit_core.viz import upscale
 from training.data import as_uint8
-from training.evaltools import (
-    EvalConfig,
-    Labelled,
-    classify,
-    frechet_distance,
-    from_uint8,
-    get_classifier,
-    linear_probe,
-    load_splits,
-)
+from training.evaltools import (EvalConfig, Labelled, classify, frechet_distance, from_uint8, get_classifier,
+                                linear_probe, load_splits)
 from training.files import load_tensors, require
 
 ORDER = ("stability", "probe", "ablation", "ssl_type", "completion")   # the paper's order
