@@ -284,7 +284,7 @@ def test_sixteen_bit_conversion_rounds_like_floats(tmp_path: Path) -> None:
 
 
 def test_header_says_how_the_encoder_was_trained() -> None:
-    from digit_core.config import preset
+    from digit_core.presets import preset
     from digit_core.demo import encoder_line
     e = preset("fmnist-cnn").encoder
     e.objective, e.labels = "vicreg_dense", False
