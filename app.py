@@ -19,6 +19,7 @@ import argparse
 import atexit
 import logging
 import os
+import signal
 import sys
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")   # no usage reports unless --analytics
@@ -44,11 +45,12 @@ def summary(m: demo.Model | None, err: str | None = None) -> str:
             + f"\n\n{demo.encoder_line(c.encoder)}")
 
 
-def build(registry: common.Registry, delete_cache: tuple[int, int] | None = None, analytics: bool = False) -> gr.Blocks:
+def build(registry: common.Registry, analytics: bool = False) -> gr.Blocks:
     """The whole UI over ``registry``'s bundles; the tabs' handlers read that registry."""
     common.use(registry)
     m0, problem = registry.try_get(None)
-    with gr.Blocks(title="DiGIT Studio", analytics_enabled=analytics, delete_cache=delete_cache) as app:
+    # no Gradio delete_cache: it misses files (studio.service explains); service.expire sweeps the cache
+    with gr.Blocks(title="DiGIT Studio", analytics_enabled=analytics) as app:
         gr.Markdown(f"# DiGIT Studio\nDiscriminative image tokens + autoregressive generation (NeurIPS 2024, "
                     f"{common.PAPER}).")
         with gr.Row():
@@ -90,6 +92,11 @@ def build(registry: common.Registry, delete_cache: tuple[int, int] | None = None
     return app
 
 
+def stop(signum: int, frame: object) -> None:
+    """SIGTERM as Ctrl-C: Gradio closes the server, then the exit handlers remove the cache."""
+    raise KeyboardInterrupt
+
+
 def parse_auth(value: str) -> tuple[str, str]:
     user, sep, password = value.partition(":")
     if not sep or not user or not password:
@@ -125,13 +132,13 @@ def main(argv: list[str] | None = None) -> None:
     cache = service.private_cache()
     atexit.register(service.remove_cache, cache)
     registry = common.Registry(a.model, a.device, a.threads)
-    app = build(registry, delete_cache=(max(1, a.cache_ttl // 4), a.cache_ttl), analytics=a.analytics)
+    app = build(registry, analytics=a.analytics)
     if registry.try_get(None)[0] is None:
         print(f"warning: {demo.missing_message(a.model)}", file=sys.stderr)
     local = service.is_local_binding(a.host)
     app.queue(default_concurrency_limit=a.concurrency, max_size=16 * a.concurrency)
     service.limit_queue(app, a.queue_per_client, None if local or a.share else a.queue_per_ip)
-    service.sweep_forever(cache, every=max(1, a.cache_ttl // 4), age=a.cache_ttl)
+    service.sweep_forever(cache, every=max(1, a.cache_ttl // 4), age=a.cache_ttl, blocks=app)
     guard = local and not a.share   # a share tunnel arrives with its own Host
     app.launch(server_name=a.host, server_port=a.port, share=a.share, auth=a.auth, max_file_size=MAX_FILE_BYTES,
                show_error=False, css=common.CSS, footer_links=["api", "gradio"], prevent_thread_lock=True, quiet=True,
@@ -139,6 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     log.info("file cache %s, kept %d s; queue: %d at once, %d waiting at most, %d per client",
              cache, a.cache_ttl, a.concurrency, 16 * a.concurrency, a.queue_per_client)
     print(f"DiGIT Studio ready on http://{a.host}:{a.port} ({time.perf_counter() - _T0:.1f} s after start)", flush=True)
+    signal.signal(signal.SIGTERM, stop)   # a plain `kill` closes the server and removes the cache too
     app.block_thread()
 
 

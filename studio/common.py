@@ -20,6 +20,8 @@ from digit_core import demo
 from digit_core.images import ImageError
 from digit_core.runtime import BundleError, load_bundle
 
+from . import service
+
 log = logging.getLogger("studio")
 
 CSS = """
@@ -161,7 +163,7 @@ def png(img: np.ndarray) -> str:
     Gradio would cache a returned array under a name derived from its bytes and rewrite that
     file in place; two requests returning the same image then raced, and one client got a
     file shorter than its Content-Length. A fresh name per output never shares a file."""
-    folder = Path(gr.utils.get_upload_folder()) / f"out-{uuid.uuid4().hex}"
+    folder = Path(gr.utils.get_upload_folder()) / f"{service.OUTPUT_PREFIX}{uuid.uuid4().hex}"
     folder.mkdir(parents=True)
     path = folder / "image.png"
     Image.fromarray(np.ascontiguousarray(img)).save(path, format="PNG", compress_level=1)
@@ -233,7 +235,16 @@ def copies(n: int, upload: str | None, example: str | None) -> tuple:
 
 
 def thumbnails(m: demo.Model | None) -> list[tuple[str, str]]:
-    return gallery([(img, name) for name, img in m.examples()[0]]) if m else []
+    """The model's examples as thumbnail files: written once per model and pinned (every page
+    shows them for the app's whole life, so the cache sweep keeps them)."""
+    if m is None:
+        return []
+
+    def make() -> list[tuple[str, str]]:
+        items = gallery([(img, name) for name, img in m.examples()[0]])
+        service.pin([path for path, _ in items])
+        return items
+    return list(m.once("thumbnails", make))
 
 
 def chose_upload() -> None:

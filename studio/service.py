@@ -117,6 +117,17 @@ class LocalOnly:
 
 
 # -- the file cache ---------------------------------------------------------------------------------------
+# Gradio's own ``delete_cache`` is not enough: it deletes only the files it registered with a
+# component rendered in the page. When a handler sends a component an update in a session (every
+# ``gr.skip()`` a generation yields for its gallery while stage 1 streams, every ``gr.update``),
+# Gradio gives that session its own unrendered copy of the component, and the files the copy
+# postprocesses later (the finished gallery) are registered with the copy only: they were never
+# deleted (the /sample and /complete galleries piled up). So the app expires files by age itself,
+# over its whole private folder, keeping only the files a page shows for the app's whole life.
+_PINNED: set[str] = set()
+OUTPUT_PREFIX = "out-"   # common.png writes each output image in a folder of its own
+
+
 def private_cache(base: str | None = None) -> Path:
     """A fresh cache folder of this app's own (under ``GRADIO_TEMP_DIR`` or the system temp dir),
     set as Gradio's, so sweeping it never touches another app's files; removed at exit."""
@@ -127,10 +138,52 @@ def private_cache(base: str | None = None) -> Path:
     return folder
 
 
-def prune_empty_dirs(folder: Path, age: float) -> int:
-    """Remove the empty sub-folders (one per output or upload, left by Gradio's ``delete_cache``)
-    older than ``age`` seconds; how many went."""
-    gone, now = 0, time.time()
+def pin(paths: list[str]) -> None:
+    """Files made once and shown for the app's whole life (each model's example thumbnails):
+    never expired."""
+    _PINNED.update(str(Path(p).resolve()) for p in paths)
+
+
+def kept_by_gradio(blocks: Any) -> set[str]:
+    """The files Gradio keeps for the page itself (components' initial values: ``keep_in_cache``)."""
+    kept: set[str] = set()
+    for block in list(getattr(blocks, "blocks", {}).values()):
+        kept.update(str(Path(p).resolve()) for p in getattr(block, "keep_in_cache", ()))
+    return kept
+
+
+def expire(folder: Path, age: float, blocks: Any = None, now: float | None = None) -> int:
+    """Delete every file under ``folder`` created more than ``age`` seconds ago (by ctime, as
+    Gradio ages its files), except the pinned ones and those Gradio keeps for the page; drop them
+    from Gradio's lists of files it made (``temp_file_sets``), so those do not grow; then remove
+    the empty sub-folders older than ``age``. Returns how many files went. (``now``: the clock,
+    for tests.)"""
+    keep = _PINNED | (kept_by_gradio(blocks) if blocks is not None else set())
+    now, gone = time.time() if now is None else now, []
+    # listed first, then deleted (a folder removed under a lazy listing would end it); os.walk
+    # skips folders that vanish while it lists
+    for f in [Path(d, name) for d, _, names in os.walk(folder) for name in names]:
+        try:
+            if now - f.lstat().st_ctime <= age or str(f.resolve()) in keep:
+                continue
+            f.unlink()
+            gone.append(f)
+            if f.parent.name.startswith(OUTPUT_PREFIX):   # an output's own folder (never reused): goes with it
+                f.parent.rmdir()
+        except OSError:   # already gone (or in use by a delete elsewhere)
+            continue
+    if blocks is not None and gone:
+        names = {str(f) for f in gone} | {os.path.abspath(f) for f in gone}
+        for files in list(getattr(blocks, "temp_file_sets", [])):
+            files.difference_update(names)
+    prune_empty_dirs(folder, age, now)
+    return len(gone)
+
+
+def prune_empty_dirs(folder: Path, age: float, now: float | None = None) -> int:
+    """Remove the empty sub-folders (one per output or upload) older than ``age`` seconds; how
+    many went."""
+    gone, now = 0, time.time() if now is None else now
     for d in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
         try:
             if now - d.stat().st_mtime > age and not any(d.iterdir()):
@@ -141,11 +194,15 @@ def prune_empty_dirs(folder: Path, age: float) -> int:
     return gone
 
 
-def sweep_forever(folder: Path, every: float, age: float) -> threading.Thread:
+def sweep_forever(folder: Path, every: float, age: float, blocks: Any = None) -> threading.Thread:
+    """``expire(folder, age, blocks)`` every ``every`` seconds, in a daemon thread."""
     def run() -> None:
         while True:
             time.sleep(every)
-            prune_empty_dirs(folder, age)
+            try:
+                expire(folder, age, blocks)
+            except Exception:   # noqa: BLE001 - the sweep must outlive one bad pass
+                log.exception("cache sweep failed")
 
     t = threading.Thread(target=run, daemon=True, name="digit-cache-sweep")
     t.start()

@@ -9,6 +9,7 @@ The browser part is marked ``browser``; ``pytest -m 'not browser'`` skips it.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import io
 import os
 import re
@@ -37,6 +38,7 @@ from chromium_cdp import Browser, find_chromium  # noqa: E402  (tests/ is on sys
 
 ROOT = Path(__file__).resolve().parents[1]
 ENDPOINTS = {"/sample", "/tokenize", "/complete", "/stability"}
+TTL = 10   # seconds the strict app keeps files
 
 
 # -- fixtures --------------------------------------------------------------------------------------
@@ -99,9 +101,10 @@ def server(bundle: Path, tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def strict(bundle: Path, tmp_path_factory: pytest.TempPathFactory):
-    """A second app with one job at a time, 3 per client and a 3-second cache; yields (url, cache folder)."""
+    """A second app with one job at a time, 3 per client and files kept 10 s (swept every 2 s);
+    yields (url, cache folder)."""
     cache = tmp_path_factory.mktemp("strict-cache")
-    proc, url, _ = _start(bundle, cache, "--concurrency", "1", "--queue-per-client", "3", "--cache-ttl", "3")
+    proc, url, _ = _start(bundle, cache, "--concurrency", "1", "--queue-per-client", "3", "--cache-ttl", str(TTL))
     try:
         yield url, cache
     finally:
@@ -327,7 +330,9 @@ def test_one_client_cannot_fill_the_queue(strict, bundle: Path) -> None:
     in our words. Another client's job, sent while the flood is queued, then waits behind at most
     those 3 (one job runs at a time here), not behind all 30."""
     url, _ = strict
-    flood, normal = Client(url, verbose=False), Client(url, verbose=False)
+    # the files stay on the server: this app expires them after 10 s, and a loaded machine can
+    # answer a job later than that after writing its images
+    flood, normal = (Client(url, verbose=False, download_files=False) for _ in range(2))
     jobs = [flood.submit("class 0", 16, 1.0, 0, 1.0, 1.0, i, "id", str(bundle), api_name="/sample")
             for i in range(30)]
     time.sleep(1.0)                                   # the flood's joins land first
@@ -346,6 +351,64 @@ def test_one_client_cannot_fill_the_queue(strict, bundle: Path) -> None:
     assert ahead <= 3, f"{ahead} flood jobs ran before the normal client's"
     assert len(refused) >= 20 and sum(served) >= 3
     assert all("you have 3 queued or running (the limit is 3)" in r for r in refused), refused[:2]
+
+
+def _thumbnails(client: Client) -> set[str]:
+    """The example thumbnails of the page's config: the files every page shows for the app's life."""
+    return {str(Path(v["image"]["path"]).resolve()) for comp in client.config["components"]
+            if comp.get("props", {}).get("label") == "…or pick an example" for v in comp["props"].get("value") or []}
+
+
+def test_the_file_cache_stays_bounded(strict, bundle: Path, tmp_path: Path) -> None:
+    """Every request leaves files (outputs, uploads). Gradio's delete_cache missed the galleries of
+    the streaming endpoints (/sample, /complete): they are registered with a per-session copy of
+    the component it never sweeps. Files kept 10 s: over 30 s of mixed requests no file but the
+    page's thumbnails outlives the expiry by more than a sweep (plus slack for a loaded machine),
+    and soon after the last request only the thumbnails are left, still served."""
+    url, cache = strict
+    c = Client(url, verbose=False, download_files=False)   # as above: files are counted where they are made
+    thumbs = _thumbnails(c)
+    assert len(thumbs) >= 3 and all(Path(t).is_file() for t in thumbs)
+
+    def files() -> dict[str, float]:   # os.walk: the app removes folders while this lists them
+        now, ages = time.time(), {}
+        for d, _, names in os.walk(cache):
+            for name in names:
+                with contextlib.suppress(FileNotFoundError):
+                    f = Path(d, name)
+                    ages[str(f.resolve())] = now - f.lstat().st_ctime
+        return ages
+
+    rng, seen, oldest, n = np.random.default_rng(5), set(), 0.0, 0
+    end = time.monotonic() + 3 * TTL
+    while time.monotonic() < end or n < 8:
+        up = _save(Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)), tmp_path / f"up{n}.png")
+        if n % 4 == 0:
+            assert len(_sample(c, bundle, seed=n, n=4)[1]) == 4
+        elif n % 4 == 1:
+            c.predict(handle_file(up), None, str(bundle), api_name="/tokenize")
+        elif n % 4 == 2:
+            c.predict(None, "sample 0: class 0", 50, 3, "class 0", n, 1.0, 0, 1.0, True, str(bundle),
+                      api_name="/complete")
+        else:
+            c.predict(handle_file(up), None, 10.0, n, str(bundle), api_name="/stability")
+        n += 1
+        now = files()
+        seen |= set(now) - thumbs
+        oldest = max([oldest, *(age for f, age in now.items() if f not in thumbs)])
+    assert len(seen) >= 2 * n                       # outputs and uploads were written ...
+    assert oldest < TTL + 2 + 10, f"a file lived {oldest:.0f} s"   # ... and none outlived ttl + sweep (+ slack)
+    def empty() -> list[Path]:   # Gradio makes vibe_edit_history once, at start
+        return [Path(d) for d, dirs, names in os.walk(cache) if not dirs and not names and Path(d).name != "vibe_edit_history"]
+
+    deadline = time.monotonic() + 4 * TTL           # an upload's folder goes one expiry after its file
+    while time.monotonic() < deadline and (set(files()) != thumbs or empty()):
+        time.sleep(0.5)
+    assert set(files()) == thumbs, sorted(set(files()) - thumbs)[:5]
+    assert not empty(), empty()[:5]                 # no empty folders pile up
+    import httpx
+    for t in sorted(thumbs)[:2]:                    # the page's thumbnails are still served
+        assert httpx.get(f"{url}gradio_api/file={t}", timeout=30).status_code == 200
 
 
 # -- what a hostile page or client can do ---------------------------------------------------------------------
@@ -386,15 +449,18 @@ def test_readme_client_example_runs(tmp_path_factory: pytest.TempPathFactory, mo
         pytest.skip("no bundled model in exported/fmnist")
     text = (ROOT / "README.md").read_text()
     snippet = text.split("with the app running on the bundled model:")[1].split("```python")[1].split("```")[0]
-    proc, url, _ = _start(Path("exported/fmnist"), tmp_path_factory.mktemp("readme-cache"))
+    cache = tmp_path_factory.mktemp("readme-cache")
+    proc, url, _ = _start(Path("exported/fmnist"), cache)
     try:
         monkeypatch.chdir(ROOT)
         scope: dict = {}
         exec(compile(snippet.replace("http://127.0.0.1:7860/", url), "README.md", "exec"), scope)   # noqa: S102
         assert len(scope["gallery"]) == 4 and np.asarray(scope["tokens"]["disc_tokens"]).ndim == 2
         assert 0 <= scope["numbers"]["disc_change_rate"] <= 1 and set(scope["data"]["settings"]) >= {"top_k", "cfg"}
+        assert len(list(cache.glob("digit-studio-*"))) == 1
     finally:
         _stop(proc)
+    assert proc.returncode == 0 and not list(cache.glob("digit-studio-*"))   # `kill` (SIGTERM): a clean exit, cache removed
 
 
 # -- the page in a browser ------------------------------------------------------------------------------

@@ -256,6 +256,30 @@ def test_prune_removes_only_old_empty_folders(tmp_path: Path) -> None:
     assert not old.exists() and new.exists() and full.exists()
 
 
+def test_expire_deletes_old_files_but_the_pages_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every file older than the expiry goes, whether Gradio registered it or not (files of
+    per-session component copies), except the pinned thumbnails and the components' initial
+    values; Gradio's lists forget what went; an output's folder goes with its file."""
+    monkeypatch.setattr(service, "_PINNED", set())
+    files = {}
+    for rel in ("out-a/image.png", "out-b/image.png", "0123abcd/upload.png", "pinned/t.png", "kept/initial.png"):
+        files[rel] = tmp_path / rel
+        files[rel].parent.mkdir()
+        files[rel].write_bytes(b"x")
+    service.pin([str(files["pinned/t.png"])])
+    registered = {str(files["out-a/image.png"]), str(files["pinned/t.png"])}
+    blocks = SimpleNamespace(blocks={1: SimpleNamespace(keep_in_cache={str(files["kept/initial.png"])})},
+                             temp_file_sets=[registered])
+    now = time.time()
+    assert service.expire(tmp_path, age=50, blocks=blocks, now=now) == 0          # all young: all stay
+    assert service.expire(tmp_path, age=50, blocks=blocks, now=now + 100) == 3    # 100 s later
+    left = sorted(str(f.relative_to(tmp_path)) for f in tmp_path.rglob("*") if f.is_file())
+    assert left == ["kept/initial.png", "pinned/t.png"]
+    assert registered == {str(files["pinned/t.png"])}                            # Gradio's list forgets the other
+    # the emptied folders go too (an upload's once it is older than the expiry: on this clock, now)
+    assert sorted(d.name for d in tmp_path.iterdir()) == ["kept", "pinned"]
+
+
 # -- uploads that cost more than they weigh (digit_core.images) ---------------------------------------------
 def test_deep_uploads_are_bounded_by_decoded_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # counted from the header, before decoding: 4 bytes per float32 pixel, 1 per 8-bit grey one
