@@ -19,17 +19,28 @@ HOWTO = ("the image is tokenized, its top token rows (above the black line) are 
          "part of each completion is the kept tokens re-rendered, not the original pixels.")
 
 
+def looked_at(m: demo.Model, img: Any, info: str) -> tuple[Any, str, str, dict | None]:
+    """The image as the model sees it, its caption, ``info`` with the out-of-distribution notice
+    (if any) in front, and the distance check for the JSON."""
+    seen, grey = demo.seen_image(m, img)
+    check = demo.distance_check(m, img)
+    caption = "original" + (" as this grey model sees it" if grey else "") + " (dimmed: what the model did not see)"
+    notice = demo.distance_notice(check)
+    return seen, caption, (notice + "\n\n" if notice else "") + info + (" · " + demo.GREY_NOTE if grey else ""), check
+
+
 def _result(m: demo.Model, img: Any, g: Any, rows: int, B: int, info: str) -> tuple:
     c = m.config
     labels = [f"#{i}" for i in range(B)]
     fig = viz.generation_figure(g.disc_tokens, g.disc_probs, c.codebook.size, title=TITLE + " (done)", keep_rows=rows,
                                 labels=labels)
-    pics = [(viz.mark_kept(img, rows, c.disc_grid, dim=True), "original (greyed: what the model did not see)")]
+    seen, caption, info, check = looked_at(m, img, info)
+    pics = [(viz.mark_kept(seen, rows, c.disc_grid, dim=True), caption)]
     pics += [(viz.mark_kept(x, rows, c.disc_grid, dim=False), f"#{i} · seed {g.seed} · re-rendered from tokens")
              for i, x in enumerate(g.images)]
     data = {"keep_rows": rows, "grid": c.disc_grid, "seed": g.seed, "settings": g.settings.to_dict(),
             "disc_tokens": g.disc_tokens.tolist(),
-            "vq_tokens": g.vq_tokens.tolist(), "timings": g.timings}
+            "vq_tokens": g.vq_tokens.tolist(), "timings": g.timings, "distance_check": check}
     text = info + " · " + demo.timing_text(g.timings, B, c.disc_grid, c.vq_grid, kept=rows * c.disc_grid)
     return fig, common.gallery(pics), text, data
 
@@ -50,13 +61,14 @@ def complete(image: str | None, example: str | None, keep_percent: float = DEFAU
     info = (f"keeping the top {rows} of {c.disc_grid} token rows ({100 * rows / c.disc_grid:.1f}%); every "
             "completion, kept rows included, is re-rendered from its tokens")
     labels = [f"#{i}" for i in range(B)]
-    yield generate.empty_figure(m, B), [], info + " · starting …", None
+    live_info = looked_at(m, img, info)[2]
+    yield generate.empty_figure(m, B), [], live_info + " · starting …", None
     for kind, value in demo.stream(run):
         if kind == "token":
             if live:
                 fig = viz.generation_figure(demo.pad_grid(value, c.disc_grid), None, c.codebook.size, title=TITLE,
                                             keep_rows=rows, labels=labels)
-                yield fig, gr.skip(), f"{info} · stage 1: token {value.shape[1]} of {c.disc_grid ** 2} …", gr.skip()
+                yield fig, gr.skip(), f"{live_info} · stage 1: token {value.shape[1]} of {c.disc_grid ** 2} …", gr.skip()
             continue
         yield _result(m, img, value, rows, B, info)
 

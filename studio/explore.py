@@ -8,7 +8,6 @@ import numpy as np
 from PIL import Image
 
 from digit_core import demo, viz
-from digit_core.metrics import as_seen
 
 from . import common
 
@@ -26,17 +25,20 @@ def tokenize(image: str | None, example: str | None, model: str | None = None) -
     ids, dists, _ = m.flows.tokenize(img[None])
     vq = m.flows.vq_tokenize(img[None])[0]
     sizes, source = m.cluster_sizes()
-    seen = m.flows.check_images(as_seen(img[None], c.channels))[0]
+    seen, grey = demo.seen_image(m, img)
+    check = demo.distance_check(m, img, dists[0])
     overlay = viz.grid_overlay(seen, ids[0], c.disc_grid)
     disc_fig = viz.token_figure(ids[0], f"Discriminative tokens ({c.disc_grid}×{c.disc_grid})", c.codebook.size,
                                 dists[0], sizes)
     vq_fig = viz.token_figure(vq, f"VQ tokens ({c.vq_grid}×{c.vq_grid}), for contrast", c.vqgan.n_embed)
     hist = viz.histogram_figure(ids[0], c.codebook.size, "Discriminative tokens used")
     data = {"disc_tokens": ids[0].tolist(), "distances": np.round(dists[0], 5).tolist(), "vq_tokens": vq.tolist(),
-            "cluster_sizes": sizes[ids[0]].tolist(), "cluster_sizes_source": source}
+            "cluster_sizes": sizes[ids[0]].tolist(), "cluster_sizes_source": source, "distance_check": check}
     note = f"{source}. Click a cell of the image to see its cluster."
-    if c.channels == 1 and not np.array_equal(seen, img):
-        note += " This model reads grey images: the picture shows the grey image it sees."
+    if grey:
+        note += " " + demo.GREY_NOTE
+    if notice := demo.distance_notice(check):
+        note = notice + "\n\n" + note
     return common.png(overlay), disc_fig, vq_fig, hist, note, data, ids[0].tolist()
 
 

@@ -25,13 +25,19 @@ def stability(image: str | None, example: str | None, snr_db: float = DEFAULT_SN
     snr = demo.number("snr_db", snr_db, -100.0, 200.0)
     r = demo.stability_one(m, img, snr, check_seed(seed))
     curve = m.stability_curve()
-    pair = viz.side_by_side([viz.upscale(img, 256), viz.upscale(r["noisy"], 256)])
+    seen, grey = demo.seen_image(m, img)
+    check = demo.distance_check(m, img)
+    pair = viz.side_by_side([viz.upscale(seen, 256), viz.upscale(r["noisy"], 256)])
     rates = (f"At **{snr:g} dB**: discriminative tokens changed **{r['disc_change_rate']:.1%}** "
              f"({int(r['disc_changed'].sum())} of {c.disc_grid ** 2}), VQ tokens changed "
              f"**{r['vq_change_rate']:.1%}** ({int(r['vq_changed'].sum())} of {c.vq_grid ** 2}); "
              f"encoder-feature cosine similarity {r['disc_cos_sim']:.3f}. The curve averages the "
              f"{curve['num_images']} example images (noise seed 0).")
-    data = {k: r[k] for k in ("disc_change_rate", "vq_change_rate", "disc_cos_sim")}
+    if grey:
+        rates += " " + demo.GREY_NOTE + " The noise is added to that grey image."
+    if notice := demo.distance_notice(check):
+        rates = notice + "\n\n" + rates
+    data = {k: r[k] for k in ("disc_change_rate", "vq_change_rate", "disc_cos_sim")} | {"distance_check": check}
     data |= {"disc_changed": r["disc_changed"].astype(int).tolist(), "vq_changed": r["vq_changed"].astype(int).tolist(),
              "curve": curve}
     fig = viz.stability_figure(curve["snr_db"], curve["vq_change"], curve["disc_change"],

@@ -92,7 +92,7 @@ def test_assets_end_to_end(bundle_dir: Path, bundle: Bundle, folder: Path, tmp_p
     # a gallery exactly for the clusters that have patches; the far one has none
     used = set(np.unique(ids).tolist())
     assert FAR not in used and len(used) >= 4
-    assert {p.name for p in cl_dir.iterdir()} == {f"{k}.png" for k in used} | {"sizes.json"}
+    assert {p.name for p in cl_dir.iterdir()} == {f"{k}.png" for k in used} | {"sizes.json", "distances.json"}
 
     # each gallery holds the nearest patches: recomputed by brute force over the sample
     for k in used:
@@ -123,6 +123,47 @@ def test_assets_end_to_end(bundle_dir: Path, bundle: Bundle, folder: Path, tmp_p
     full = tmp_path / cl_dir
     assert m.cluster_dir() == full and m.cluster_gallery(k) == full / f"{k}.png" and m.cluster_gallery(FAR) is None
     assert not _hidden(Path("assets"))   # no temp folders left
+
+
+def test_distance_percentiles_of_training_images(bundle_dir: Path, bundle: Bundle, folder: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """distances.json: percentiles of each training image's mean squared distance to its nearest
+    centroids, over the training images outside the cluster sample (K-Means saw those), recomputed
+    here by hand; ``--only distances`` rewrites just that file; the demo reads it, for this
+    tokenizer only."""
+    monkeypatch.setattr(assets, "REFERENCE_IMAGES_MIN", 1)
+    out = tmp_path / "assets"
+    _run(bundle_dir, folder, out)
+    f = out / "clusters/tiny/distances.json"
+    ref = json.loads(f.read_text())
+    data = ImageFolder(folder, 16, channels=1, train=False)
+    cluster = assets.sample_indices(len(data), 0.5, 0)
+    rest = sorted(set(range(len(data))) - set(cluster.tolist()))
+    assert ref["images"] == len(rest) == 20 and ref["outside_cluster_sample"] and ref["split"] == "train"
+    imgs = np.stack([assets.as_uint8(data[i][0][None])[0] for i in rest])
+    per_image = bundle.tokenize(imgs)[1].reshape(20, -1).astype(np.float64).mean(1)
+    want = np.percentile(per_image, [50, 90, 95, 99, 99.9])
+    assert list(ref["percentiles"]) == ["50", "90", "95", "99", "99.9"]
+    assert np.allclose(list(ref["percentiles"].values()), want, rtol=1e-5) and ref["max"] == pytest.approx(per_image.max())
+    assert ref["tokenizer_sha256"] == bundle.manifest["files"]["tokenizer.onnx"]["sha256"] and ref["grid"] == 4
+
+    # alone: only distances.json changes (here: fewer images), the galleries and sizes stay
+    others = {p.name: p.read_bytes() for p in f.parent.iterdir() if p.name != "distances.json"}
+    r = assets.main(["--bundle", str(bundle_dir), "--data", str(folder), "--out", str(out), "--fraction", "0.5",
+                     "--reference_images", "5", "--only", "distances", "--device", "cpu", "--threads", "1"])
+    assert json.loads(f.read_text())["images"] == 5 and "99th percentile" in r.message
+    assert {p.name: p.read_bytes() for p in f.parent.iterdir() if p.name != "distances.json"} == others
+    assert not _hidden(out)
+    with pytest.raises(ValueError, match="run without --only first"):
+        assets.main(["--bundle", str(bundle_dir), "--data", str(folder), "--out", str(tmp_path / "none"),
+                     "--only", "distances", "--device", "cpu"])
+
+    # the demo reads it for this tokenizer; for another one (a retrained bundle) it has none
+    monkeypatch.setattr(demo, "ASSETS", out)
+    m = demo.Model(bundle_dir, load_bundle(bundle_dir, device="cpu", threads=1))
+    assert m.distance_reference().p99 == pytest.approx(json.loads(f.read_text())["percentiles"]["99"])
+    f.write_text(json.dumps(ref | {"tokenizer_sha256": "0" * 64}))
+    assert demo.Model(bundle_dir, m.flows).distance_reference() is None
 
 
 def test_rerun_replaces_and_interrupted_run_keeps_old(bundle_dir: Path, folder: Path, tmp_path: Path,
@@ -161,4 +202,6 @@ def test_bad_inputs_are_clear_errors(bundle_dir: Path, folder: Path, tmp_path: P
         assets.main(["--bundle", str(bundle_dir), "--data", f"fmnist@{fm}", "--out", str(tmp_path / "a")])
     with pytest.raises(SystemExit):
         assets.main(["--bundle", str(bundle_dir), "--data", str(folder), "--fraction", "0"])
+    with pytest.raises(SystemExit):
+        assets.main(["--bundle", str(bundle_dir), "--data", str(folder), "--reference_images", "10"])
     assert not (tmp_path / "a").exists()

@@ -4,6 +4,7 @@ of studio.service, and uploads that would cost far more memory than their file s
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 from pathlib import Path
@@ -201,6 +202,96 @@ def test_errors_reach_clients_without_server_paths() -> None:
 
 def test_model_card_comparisons_are_not_quotes() -> None:
     assert about.card_markdown("a\n>= 92%\n> quoted") == "a\n\\>= 92%\n> quoted"
+
+
+# -- out of distribution (the bundled model, with its training-set reference) --------------------------------
+FMNIST = Path(__file__).resolve().parents[1] / "exported" / "fmnist"
+
+
+@pytest.fixture
+def fmnist(monkeypatch: pytest.MonkeyPatch) -> demo.Model:
+    """The bundled grey Fashion-MNIST model, as the handlers' registry."""
+    if not (FMNIST / "manifest.json").is_file():
+        pytest.skip("no bundled model in exported/fmnist")
+    r = common.Registry(str(FMNIST), "cpu", 1)
+    monkeypatch.setattr(common, "_REGISTRY", r)
+    m = r.get(None)
+    assert m.distance_reference() is not None, (
+        "assets/clusters/fmnist/distances.json is missing or was measured with another tokenizer: "
+        "python -m training.assets --bundle exported/fmnist --data fmnist --only distances")
+    return m
+
+
+def _notices(m: demo.Model, upload: str | None, example: str | None) -> tuple[str, str, str, dict]:
+    """The Tokenize note, the Complete info and the Stability rates for one image, and the check."""
+    note, data = explore.tokenize(upload, example, None)[4:6]
+    info = _last(complete.complete(upload, example, 50, 1, None, 0, live=False))[1][2]
+    rates = stability.stability(upload, example, 10.0, 0, None)[3]
+    return note, info, rates, data["distance_check"]
+
+
+def test_out_of_distribution_notice(fmnist: demo.Model, tmp_path: Path) -> None:
+    ref = fmnist.distance_reference()
+    names = fmnist.example_names()
+    # the example each tab shows on load: in distribution, no notice in any tab
+    *texts, check = _notices(fmnist, None, names[0])
+    assert not check["beyond_p99"] and check["p99"] == ref.p99
+    assert not any("Out of distribution" in t for t in texts), texts
+    # held-out test images: about 1% lie beyond a 99th percentile, so few of the examples may
+    flagged = [n for n in names if demo.distance_check(fmnist, fmnist.example(n))["beyond_p99"]]
+    assert len(flagged) <= 3, flagged
+    # a checkerboard is far from every Fashion-MNIST patch: each tab says so, naming the percentile
+    odd = tmp_path / "checkerboard.png"
+    Image.fromarray(((np.indices((32, 32)) // 4).sum(0) % 2 * 255).astype(np.uint8)).save(odd)
+    *texts, check = _notices(fmnist, str(odd), None)
+    assert check["beyond_p99"] and check["mean_sq_distance"] > ref.p99
+    for t in texts:
+        assert "Out of distribution" in t and "99th percentile" in t and f"({ref.p99:.4g})" in t, t
+        assert f"{ref.images:,} train images" in t
+
+
+def test_a_colour_upload_shows_the_grey_image_the_model_sees(fmnist: demo.Model, tmp_path: Path) -> None:
+    f = tmp_path / "colour.png"
+    rgb = np.zeros((32, 32, 3), np.uint8)
+    rgb[:, :16] = (220, 30, 30)
+    rgb[:, 16:] = (20, 60, 230)
+    Image.fromarray(rgb).save(f)
+    grey = lambda a: np.asarray(a)[..., 0] == np.asarray(a)[..., 2]  # noqa: E731
+    overlay, *_, note, _, _ = explore.tokenize(str(f), None, None)
+    assert grey(Image.open(overlay).convert("RGB")).mean() > 0.7 and demo.GREY_NOTE in note   # grid lines are red
+    fig, pics, info, data = _last(complete.complete(str(f), None, 50, 1, None, 0, live=False))[1]
+    original = np.asarray(Image.open(pics[0][0]).convert("RGB"))
+    assert grey(original[: original.shape[0] // 2 - 2]).all() and "grey" in pics[0][1] and demo.GREY_NOTE in info
+    pair, *_, rates, _, _ = stability.stability(str(f), None, 10.0, 0, None)
+    clean = np.asarray(Image.open(pair).convert("RGB"))[:, :256]
+    assert grey(clean).all() and demo.GREY_NOTE in rates
+    assert not grey(rgb).all()                                   # what was uploaded was not grey
+
+
+def test_no_reference_no_notice(registry: common.Registry, bundle: Path, tmp_path: Path) -> None:
+    """Without distances.json (or with a broken one, or one of another tokenizer) there is no
+    notice and nothing fails."""
+    m = registry.get(None)
+    assert m.distance_reference() is None
+    note, data = explore.tokenize(None, m.example_names()[0], None)[4:6]
+    assert data["distance_check"] is None and "Out of distribution" not in note
+    copy = tmp_path / "tiny"
+    import shutil
+    shutil.copytree(bundle, copy)
+    (copy / "clusters").mkdir()
+    good = {"percentiles": {"50": 1.0, "99": 2.0}, "max": 3.0, "images": 100,
+            "tokenizer_sha256": m.flows.manifest["files"]["tokenizer.onnx"]["sha256"]}
+    for text in ["{", "[]", '{"percentiles": {"50": 1}}', json.dumps(good | {"percentiles": {"99": 1, "50": 2}}),
+                 json.dumps(good | {"tokenizer_sha256": "0" * 64}), "x" * 70000]:
+        (copy / "clusters" / "distances.json").write_text(text)
+        assert demo.Model(copy, m.flows).distance_reference() is None, text[:40]
+    (copy / "clusters" / "distances.json").write_text(json.dumps(good))
+    other = demo.Model(copy, m.flows)
+    assert other.distance_reference().p99 == 2.0
+    check = demo.distance_check(other, m.example(m.example_names()[0]), np.full((4, 4), 2.5))
+    assert check["beyond_p99"] and check["above_percentile"] == "99" and not check["beyond_max"]
+    assert "beyond the **99th percentile** of 100 train images (2)" in demo.distance_notice(check)
+    assert demo.distance_notice(demo.distance_check(other, None, np.full((4, 4), 1.5))) == ""
 
 
 # -- serving rules (studio.service) -----------------------------------------------------------------------

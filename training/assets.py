@@ -2,6 +2,7 @@
 
     python -m training.assets --bundle exported/fmnist --data fmnist --out assets \
         [--test_data fmnist:test] [--examples_per_class 3] [--gallery 16] [--fraction 0.1] [--seed 0]
+        [--reference_images 5000] [--only distances]
 
 Writes, for the bundle folder named NAME:
 
@@ -14,6 +15,13 @@ Writes, for the bundle folder named NAME:
   neighbourhood with the patch outlined; no file for a cluster that no sampled patch falls in.
 - ``<out>/clusters/NAME/sizes.json``: ``{"sizes": [K ints], "images": N, "fraction": f,
   "split": "train", ...}``, patches per cluster over the sampled training images.
+- ``<out>/clusters/NAME/distances.json``: how far training images lie from the codebook, for the
+  app's out-of-distribution notice: percentiles (50, 90, 95, 99, 99.9) and the maximum of an
+  image's mean squared distance from its patches to their nearest centroids (the tokenizer's
+  distances), over ``--reference_images`` training images outside the cluster sample (K-Means
+  was fitted on that one, so its distances would be too small), with the sha256 of the
+  tokenizer they were measured with (the app ignores them for any other tokenizer).
+  ``--only distances`` computes just this file, into an existing clusters folder.
 
 The training sample is the one ``training.features`` fits K-Means on (same seed and fraction).
 The bundle runs on onnxruntime, as in the app; torch only reads the data, without augmentation.
@@ -44,6 +52,7 @@ from digit_core import demo
 from digit_core.runtime import Bundle, load_bundle
 from training.config import RunConfig
 from training.data import as_uint8, load_data, test_split
+from training.files import atomic_write_text
 
 BACKGROUND = (72, 88, 112)   # gaps between tiles and outside the image: a slate blue no grey pixel has
 OUTLINE = (255, 96, 0)       # around the patch itself
@@ -213,6 +222,53 @@ def write_galleries(data: Dataset, galleries: dict[int, list[Patch]], n: int, co
         pic.save(out / f"{k}.png", optimize=True)
 
 
+# -- how far training images lie from the codebook ----------------------------------------------------------
+REFERENCE_PERCENTILES = (50, 90, 95, 99, 99.9)
+DISTANCES_FILE = "distances.json"
+REFERENCE_IMAGES_MIN = 100
+
+
+def image_distances(dists: np.ndarray) -> np.ndarray:
+    """The tokenizer's squared distances ``[N, n, n]`` -> each image's mean ``[N]`` (float64):
+    the statistic the app's out-of-distribution notice compares with the training images'."""
+    return np.asarray(dists, np.float64).reshape(len(dists), -1).mean(1)
+
+
+def reference_indices(n: int, cluster_sample: np.ndarray, count: int, seed: int) -> tuple[np.ndarray, bool]:
+    """Up to ``count`` of the ``n`` training images outside ``cluster_sample`` (seeded, sorted), and
+    True; when the cluster sample is all of them, the cluster sample itself, and False."""
+    rest = np.setdiff1d(np.arange(n), cluster_sample)
+    if len(rest) == 0:
+        return np.sort(cluster_sample[:count]), False
+    pick = np.random.default_rng([seed, 1]).permutation(len(rest))[:count]
+    return np.sort(rest[pick]), True
+
+
+def distance_reference(bundle: Bundle, data: Dataset, idx: np.ndarray, batch_size: int, workers: int) -> dict:
+    """Percentiles of ``image_distances`` over images ``idx`` of ``data`` (``distances.json``)."""
+    per_image = []
+    loader = DataLoader(Subset(data, idx.tolist()), batch_size, num_workers=workers)
+    for x, _ in tqdm(loader, desc="distances", dynamic_ncols=True):
+        per_image.append(image_distances(bundle.tokenize(as_uint8(x))[1]))
+    d = np.concatenate(per_image)
+    c = bundle.config
+    return {"statistic": "an image's mean squared distance from its patches' features to their nearest centroids",
+            "percentiles": {f"{q:g}": float(v) for q, v in zip(REFERENCE_PERCENTILES, np.percentile(d, REFERENCE_PERCENTILES))},
+            "max": float(d.max()), "mean": float(d.mean()), "images": int(len(d)),
+            "tokenizer_sha256": demo.tokenizer_sha256(bundle), "codebook_size": c.codebook.size, "grid": c.disc_grid}
+
+
+def write_distances(bundle: Bundle, data: Dataset, spec: str, cluster_sample: np.ndarray, a: argparse.Namespace,
+                    folder: Path) -> dict:
+    """``distances.json`` in ``folder`` over training images outside the cluster sample."""
+    idx, disjoint = reference_indices(len(data), cluster_sample, a.reference_images, a.seed)
+    ref = distance_reference(bundle, data, idx, a.batch_size, a.workers)
+    ref |= {"data": spec, "split": "test" if spec.partition("@")[0].endswith(":test") else "train", "seed": a.seed,
+            "outside_cluster_sample": disjoint}
+    atomic_write_text(folder / DISTANCES_FILE, json.dumps(ref, indent=1))
+    return ref
+
+
 def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.iterdir())
 
@@ -229,6 +285,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gallery", type=int, default=16, help="patches per cluster gallery")
     p.add_argument("--fraction", type=float, default=0.1, help="of the training images, tokenized for the clusters")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reference_images", type=int, default=5000,
+                   help="training images outside the cluster sample whose distances to the codebook make the "
+                        "reference of the app's out-of-distribution notice")
+    p.add_argument("--only", choices=["distances"], default=None,
+                   help="compute only distances.json, into the existing clusters folder (the rest stays as it is)")
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--workers", type=int, default=0, help="data-loader processes")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -238,6 +299,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--examples_per_class must be 1..{demo.MAX_EXAMPLES} (the app shows at most {demo.MAX_EXAMPLES})")
     if a.gallery < 1 or not 0 < a.fraction <= 1:
         p.error("--gallery must be at least 1 and --fraction in (0, 1]")
+    if a.reference_images < REFERENCE_IMAGES_MIN:
+        p.error(f"--reference_images must be at least {REFERENCE_IMAGES_MIN} (a 99th percentile needs them)")
     return a
 
 
@@ -247,6 +310,15 @@ def main(argv: list[str] | None = None) -> Report:
         raise demo.ModelMissing(demo.missing_message(a.bundle))
     bundle = load_bundle(a.bundle, device=a.device, threads=a.threads)
     c, name, out = bundle.config, Path(a.bundle).resolve().name, Path(a.out)
+    cl_dir = out / "clusters" / name
+    if a.only == "distances":
+        if not cl_dir.is_dir():
+            raise ValueError(f"no clusters folder {cl_dir} to add {DISTANCES_FILE} to: run without --only first")
+        train = open_data(a.data, bundle)
+        ref = write_distances(bundle, train, a.data, sample_indices(len(train), a.fraction, a.seed), a, cl_dir)
+        message = distances_message(ref, cl_dir)
+        print(message)
+        return Report([], {}, np.zeros(0, np.int64), 0, (cl_dir / DISTANCES_FILE).stat().st_size, message)
     test_spec = a.test_data or test_split(a.data) or a.data   # an image folder has no test split: its own images
     train, test = open_data(a.data, bundle), open_data(test_spec, bundle)
 
@@ -260,12 +332,12 @@ def main(argv: list[str] | None = None) -> Report:
     idx = sample_indices(len(train), a.fraction, a.seed)
     sizes, galleries = scan(bundle, train, idx, a.gallery, a.batch_size, a.workers)
     split = "test" if a.data.partition("@")[0].endswith(":test") else "train"
-    cl_dir = out / "clusters" / name
     with staged(cl_dir) as tmp:
         write_galleries(train, galleries, c.disc_grid, math.ceil(math.sqrt(a.gallery)), tmp)
         (tmp / "sizes.json").write_text(json.dumps({
             "sizes": sizes.tolist(), "images": len(idx), "fraction": a.fraction, "split": split,
             "data": a.data, "seed": a.seed}))
+        ref = write_distances(bundle, train, a.data, idx, a, tmp)
 
     total = folder_bytes(ex_dir) + folder_bytes(cl_dir)
     note = "" if test_spec != a.data else " (from the training data: pass --test_data for held-out images)"
@@ -273,9 +345,18 @@ def main(argv: list[str] | None = None) -> Report:
                f"clusters: {len(idx):,} {split} images of {a.data} (fraction {a.fraction:g}, seed {a.seed}), "
                f"{int(sizes.sum()):,} patches; {len(galleries)} of {c.codebook.size} clusters have patches "
                f"-> {cl_dir} ({len(galleries)} galleries + sizes.json)\n"
+               f"{distances_message(ref, cl_dir)}\n"
                f"total {total / 2**20:.2f} MB")
     print(message)
     return Report(examples, galleries, sizes, len(idx), total, message)
+
+
+def distances_message(ref: dict, folder: Path) -> str:
+    p = ref["percentiles"]
+    where = "outside the cluster sample" if ref["outside_cluster_sample"] else "the cluster sample (no others left)"
+    return (f"distances: {ref['images']:,} {ref['split']} images of {ref['data']} ({where}); mean squared distance "
+            f"to the nearest centroids: median {p['50']:.4g}, 99th percentile {p['99']:.4g}, max {ref['max']:.4g} "
+            f"-> {folder / DISTANCES_FILE}")
 
 
 if __name__ == "__main__":
