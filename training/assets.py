@@ -18,9 +18,10 @@ Writes, for the bundle folder named NAME:
 - ``<out>/clusters/NAME/distances.json``: how far training images lie from the codebook, for the
   app's out-of-distribution notice: percentiles (50, 90, 95, 99, 99.9) and the maximum of an
   image's mean squared distance from its patches to their nearest centroids (the tokenizer's
-  distances), over ``--reference_images`` training images outside the cluster sample (K-Means
-  was fitted on that one, so its distances would be too small), with the sha256 of the
-  tokenizer they were measured with (the app ignores them for any other tokenizer).
+  distances), over ``--reference_images`` training images outside the cluster sample (with the
+  ``--data`` of the features stage, as ``training/fmnist.sh`` passes, that is the sample K-Means
+  was fitted on, whose distances would be too small), with the sha256 of the tokenizer they were
+  measured with (the app ignores them for any other tokenizer).
   ``--only distances`` computes just this file, into an existing clusters folder.
 
 The training sample is the one ``training.features`` fits K-Means on (same seed and fraction).
