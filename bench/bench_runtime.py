@@ -27,7 +27,7 @@ from digit_core.presets import fmnist_small
 from digit_core.export import export_bundle
 from digit_core.flows import Flows
 from digit_core.pipeline import DiGIT
-from digit_core.runtime import load_bundle
+from digit_core.runtime import load_bundle, past_names
 
 REPEATS = 3
 
@@ -100,9 +100,12 @@ def numpy_feeds(m, stage: int, batch: int) -> Callable[[], None]:
     def run() -> None:
         T = c.stage1_positions if stage == 1 else c.stage2_positions
         cache = np.zeros((g.n_layer, 2, batch, g.n_head, T, g.head_dim), np.float32)
-        _, cache = sess.run(None, {"tokens": seq[:, :n_prefix], "start": np.array(0), "cache": cache})
+        past = {k: cache[i // 2, i % 2] for i, k in enumerate(past_names(g.n_layer))}
+        _, kv = sess.run(None, {"tokens": seq[:, :n_prefix], "start": np.array(0), **past})
+        cache[:, :, :, :, :n_prefix] = kv
         for t in range(n_prefix, n_prefix + steps):
-            _, cache = sess.run(None, {"tokens": seq[:, t:t + 1], "start": np.array(t), "cache": cache})
+            _, kv = sess.run(None, {"tokens": seq[:, t:t + 1], "start": np.array(t), **past})
+            cache[:, :, :, :, t:t + 1] = kv
     return run
 
 

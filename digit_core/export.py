@@ -3,7 +3,8 @@
     tokenizer.onnx   uint8 images [N, H, W, 3] -> ids [N, n, n], sq. distances [N, n, n], features [N, n, n, d]
     vq_encoder.onnx  uint8 images [N, H, W, 3] -> VQ ids [N, m, m], latents [N, m, m, d] (before quantization)
     vq_decoder.onnx  VQ ids [N, m, m] -> uint8 images [N, H, W, 3]
-    stage1.onnx      (tokens [B, S], start, cache [L, 2, B, H, T, hd]) -> (logits [B, V], cache_out);
+    stage1.onnx      (tokens [B, S], start, past_key_i / past_value_i [B, H, T, hd] for each layer i)
+                     -> (logits [B, V], kv [L, 2, B, H, S, hd]: this chunk's keys and values);
                      T = the positions one generation fills (config.stage1_positions)
     stage2.onnx      the same for stage 2
 
@@ -48,7 +49,7 @@ import torch.nn as nn
 
 from .gpt import GPT
 from .pipeline import DiGIT
-from .runtime import FORMAT, MAX_IR_VERSION, SUPPORTED_FORMAT_VERSIONS, sha256
+from .runtime import FORMAT, MAX_IR_VERSION, SUPPORTED_FORMAT_VERSIONS, past_names, sha256
 
 FORMAT_VERSION = SUPPORTED_FORMAT_VERSIONS[-1]
 RTOL = 1e-4           # max |ort - torch| / max |torch| tolerated at export
@@ -61,14 +62,15 @@ TRACE_BATCH, CHECK_BATCH = 2, 3
 
 
 class GPTStep(nn.Module):
-    """``GPT.step`` as a module: ``(tokens, start, cache) -> (logits of the last position, cache_out)``."""
+    """``GPT.step`` as a module: ``(tokens, start, *past) -> (logits of the last position, kv)``."""
 
     def __init__(self, gpt: GPT) -> None:
         super().__init__()
         self.gpt = gpt
 
-    def forward(self, tokens: torch.Tensor, start: torch.Tensor, cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.gpt.step(tokens, start, cache)
+    def forward(self, tokens: torch.Tensor, start: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.gpt.step(tokens, start, past)
+
 
 
 def git_commit() -> str:
@@ -94,12 +96,17 @@ def _graph_specs(model: DiGIT) -> dict[str, dict[str, Any]]:
     def stage(gpt: GPT, length: int) -> Callable[[int, torch.Generator], tuple[torch.Tensor, ...]]:
         def inputs(b: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
             S = min(3 + b, length - 1)   # a prefill chunk whose length differs between trace and check
-            return (torch.randint(0, gpt.cfg.vocab_size, (b, S), generator=g), torch.tensor(0), gpt.new_cache(b, length))
+            cache = gpt.new_cache(b, length)
+            return (torch.randint(0, gpt.cfg.vocab_size, (b, S), generator=g), torch.tensor(0),
+                    *(cache[i, j] for i in range(gpt.cfg.n_layer) for j in (0, 1)))
         return inputs
 
+    def step_io(gpt: GPT) -> dict[str, Any]:
+        past = past_names(gpt.cfg.n_layer)
+        return dict(inputs=["tokens", "start", *past], outputs=["logits", "kv"],
+                    axes={"tokens": {0: "B", 1: "S"}, "logits": {0: "B"}, "kv": {2: "B", 4: "S"}, **{k: {0: "B"} for k in past}})
+
     batch = {0: "N"}
-    step_io = dict(inputs=["tokens", "start", "cache"], outputs=["logits", "cache_out"],
-                   axes={"tokens": {0: "B", 1: "S"}, "cache": {2: "B"}, "logits": {0: "B"}, "cache_out": {2: "B"}})
     return {
         "tokenizer": dict(module=model.disc_tokenizer, make=images, inputs=["images"], outputs=["ids", "dists", "features"],
                           axes={k: batch for k in ("images", "ids", "dists", "features")}),
@@ -107,8 +114,8 @@ def _graph_specs(model: DiGIT) -> dict[str, dict[str, Any]]:
                            axes={"images": batch, "ids": batch, "latents": batch}),
         "vq_decoder": dict(module=model.vq_decoder, make=vq_ids, inputs=["ids"], outputs=["images"],
                            axes={"ids": batch, "images": batch}),
-        "stage1": dict(module=GPTStep(model.stage1), make=stage(model.stage1, c.stage1_positions), **step_io),
-        "stage2": dict(module=GPTStep(model.stage2), make=stage(model.stage2, c.stage2_positions), **step_io),
+        "stage1": dict(module=GPTStep(model.stage1), make=stage(model.stage1, c.stage1_positions), **step_io(model.stage1)),
+        "stage2": dict(module=GPTStep(model.stage2), make=stage(model.stage2, c.stage2_positions), **step_io(model.stage2)),
     }
 
 
@@ -267,16 +274,19 @@ def _check_graph(name: str, spec: dict[str, Any], path: Path, model: DiGIT, rtol
             ref = model.vq_decoder(inputs[0]).numpy()
             if out[0].shape != ref.shape or np.abs(out[0].astype(int) - ref).max() > 1:
                 raise RuntimeError(f"{name}.onnx: images differ from PyTorch by more than one level")
-        else:   # a prefill chunk, then one decode step from the graph's own cache
+        else:   # a prefill chunk, then one decode step over a cache holding the graph's own keys/values
             gpt: GPT = spec["module"].gpt
-            tokens, _, cache = inputs
+            tokens, S, T = inputs[0], inputs[0].shape[1], inputs[2].shape[2]
+            cache = gpt.new_cache(CHECK_BATCH, T)   # PyTorch's in-place cached forward fills it
             close("prefill logits", out[0], gpt(tokens, 0, cache)[:, -1].numpy())
-            close("prefill cache", out[1], cache.numpy())
+            close("prefill keys/values", out[1], cache[:, :, :, :, :S].numpy())
+            mine = np.zeros(cache.shape, np.float32)
+            mine[:, :, :, :, :S] = out[1]
             nxt = torch.randint(0, gpt.cfg.vocab_size, (CHECK_BATCH, 1), generator=g)
-            S = tokens.shape[1]
-            out = sess.run(None, {"tokens": nxt.numpy(), "start": np.array(S, np.int64), "cache": out[1]})
+            past = {k: mine[i // 2, i % 2] for i, k in enumerate(past_names(gpt.cfg.n_layer))}
+            out = sess.run(None, {"tokens": nxt.numpy(), "start": np.array(S, np.int64), **past})
             close("decode logits", out[0], gpt(nxt, S, cache)[:, -1].numpy())
-            close("decode cache", out[1], cache.numpy())
+            close("decode keys/values", out[1], cache[:, :, :, :, S:S + 1].numpy())
 
 
 # -- the bundle ----------------------------------------------------------------------------------

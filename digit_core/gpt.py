@@ -12,12 +12,16 @@ The KV cache is one preallocated tensor ``[n_layer, 2, B, n_head, T, head_dim]``
 place and attends over the whole cache with a position mask, so shapes never change between
 steps: decoding one token costs one token's compute and the ONNX graph is static.
 
-``step(idx, start, cache)`` is the functional twin for ONNX export: it returns the last
-position's logits and an updated copy of the cache, reading the old cache without writing it.
+``step(idx, start, past)`` is the functional twin for ONNX export: it reads each layer's cached
+keys and values as separate tensors (so onnxruntime multiplies the caller's memory in place, with
+no copy of the cache) and returns the last position's logits and only this chunk's keys and
+values, which the caller writes into its cache: nothing per step is proportional to the cache but
+the attention's one read of it.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -160,26 +164,21 @@ class GPT(nn.Module):
             mask = torch.arange(ctx, device=idx.device)[None, :] <= pos[:, None]
         return self.head(self._trunk(idx, pos, mask, [None] * len(self.blocks) if cache is None else cache))
 
-    def step(self, idx: torch.Tensor, start: torch.Tensor, cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Functional decoding step (what ONNX export traces): ``(logits [B, out_vocab]`` of the last
-        position, a copy of ``cache`` with positions ``start .. start+S-1`` filled in``)``. ``cache``
-        itself is not written: the graph reads each layer's slice once and writes the cache once."""
+    def step(self, idx: torch.Tensor, start: torch.Tensor, past: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Functional decoding step (what ONNX export traces). ``past``: ``2 * n_layer`` tensors
+        ``[B, H, T, hd]``, each layer's cached keys then values (positions before ``start`` are read,
+        the rest masked). Returns ``(logits [B, out_vocab]`` of the last position, ``kv [n_layer, 2,
+        B, H, S, hd]``: the keys and values of positions ``start .. start+S-1``, for the caller to
+        write into its cache``)``; ``past`` is not written."""
         S = idx.shape[1]
-        ctx = cache.shape[4]
+        ctx = past[0].shape[2]
         pos = self._positions(idx, start)
         # cached positions before start, then causal within the chunk
         mask = torch.cat(((torch.arange(ctx, device=idx.device)[None, :] < pos[:1, None]).expand(S, ctx),
                           pos[None, :] <= pos[:, None]), -1)
         new: list[torch.Tensor] = []
-        flat = cache.flatten(0, 1)   # [2L, ...]: keys and values of a layer are one slice each
-        x = self._trunk(idx, pos, mask, [PastKV(flat[2 * i], flat[2 * i + 1], new) for i in range(len(self.blocks))])
-        # index_put exports as ScatterND (a memcpy plus one row per index); index_copy's
-        # ScatterElements runs elementwise over the whole cache, ~10x slower in onnxruntime.
-        L, two, B, H = cache.shape[:4]
-        rows = (torch.arange(L, device=idx.device)[:, None, None, None, None],
-                torch.arange(two, device=idx.device)[:, None, None, None],
-                torch.arange(B, device=idx.device)[:, None, None], torch.arange(H, device=idx.device)[:, None], pos)
-        return self.head(x[:, -1]), cache.index_put(rows, torch.stack(new).to(cache.dtype))
+        x = self._trunk(idx, pos, mask, [PastKV(past[2 * i], past[2 * i + 1], new) for i in range(len(self.blocks))])
+        return self.head(x[:, -1]), torch.stack(new).to(past[0].dtype)
 
     def hidden_states(self, idx: torch.Tensor) -> list[torch.Tensor]:
         """The residual stream ``[B, S, d_model]`` after the embeddings and after each block, for a

@@ -35,7 +35,7 @@ from .typecheck import check_dataclass
 log = logging.getLogger(__name__)
 
 FORMAT = "digit-bundle"
-SUPPORTED_FORMAT_VERSIONS = (2,)   # 2: vq_encoder also returns its latents
+SUPPORTED_FORMAT_VERSIONS = (3,)   # 2: vq_encoder also returns its latents; 3: stage graphs take per-layer caches, return kv
 SUPPORTED_OPSETS = range(13, 22)
 MAX_IR_VERSION = 13          # onnxruntime 1.31 reads <= 13 (onnx 1.23 writes 14 unless told)
 GRAPHS = ("tokenizer", "vq_encoder", "vq_decoder", "stage1", "stage2")
@@ -250,17 +250,17 @@ class Bundle(Flows):
         c = self.config
         s, n, m, d = c.image_size, c.disc_grid, c.vq_grid, c.codebook.dim
 
-        def cache(g: GPTConfig, length: int) -> list:
-            return [g.n_layer, 2, None, g.n_head, length, g.head_dim]
+        def step_io(g: GPTConfig, length: int) -> tuple[dict[str, list], dict[str, list]]:
+            past = {k: [None, g.n_head, length, g.head_dim] for k in past_names(g.n_layer)}
+            return ({"tokens": [None, None], "start": [], **past},
+                    {"logits": [None, g.out_vocab], "kv": [g.n_layer, 2, None, g.n_head, None, g.head_dim]})
 
         want = {
             "tokenizer": ({"images": [None, s, s, 3]}, {"ids": [None, n, n], "dists": [None, n, n], "features": [None, n, n, d]}),
             "vq_encoder": ({"images": [None, s, s, 3]}, {"ids": [None, m, m], "latents": [None, m, m, c.vqgan.embed_dim]}),
             "vq_decoder": ({"ids": [None, m, m]}, {"images": [None, s, s, 3]}),
-            "stage1": ({"tokens": [None, None], "start": [], "cache": cache(c.stage1.gpt, c.stage1_positions)},
-                       {"logits": [None, c.stage1.gpt.out_vocab], "cache_out": cache(c.stage1.gpt, c.stage1_positions)}),
-            "stage2": ({"tokens": [None, None], "start": [], "cache": cache(c.stage2.gpt, c.stage2_positions)},
-                       {"logits": [None, c.stage2.gpt.out_vocab], "cache_out": cache(c.stage2.gpt, c.stage2_positions)}),
+            "stage1": step_io(c.stage1.gpt, c.stage1_positions),
+            "stage2": step_io(c.stage2.gpt, c.stage2_positions),
         }
         for g, (ins, outs) in want.items():
             sess = self.sessions[g]
@@ -292,32 +292,36 @@ class Bundle(Flows):
         return _step_fn(self.sessions["stage2"], self.config.stage2.gpt, batch, self.config.stage2_positions, self.device)
 
 
-def _step_fn(sess: ort.InferenceSession, g: GPTConfig, batch: int, length: int, device: str) -> StepFn:
-    """A step function with its own double-buffered KV cache on ``device``.
+def past_names(n_layer: int) -> list[str]:
+    """The stage graphs' cache inputs, in ``GPT.step``'s order: each layer's keys, then its values."""
+    return [f"past_{kind}_{i}" for i in range(n_layer) for kind in ("key", "value")]
 
-    The graph reads ``cache`` and writes ``cache_out``; binding them to two preallocated
-    OrtValues that swap every step keeps the cache on the device (on CUDA it never crosses to
-    the host) and allocates nothing per token. On CPU, feeding numpy arrays to ``session.run``
-    instead measured the same within noise for the bundled model (stage 1, 2 threads: 1,846 vs
-    1,852 tokens/s at batch 1, 3,810 vs 3,883 at batch 16; bench/bench_runtime.py prints it), so
-    both devices share this one path.
+
+def _step_fn(sess: ort.InferenceSession, g: GPTConfig, batch: int, length: int, device: str) -> StepFn:
+    """A step function with its own KV cache: one numpy array ``[L, 2, batch, H, length, hd]``.
+
+    Each layer's keys and values are bound once as graph inputs that view the array (no copy),
+    and after each step the graph's ``kv`` (this chunk's keys and values) is written into it at
+    positions ``start ..``: per token, only the attention reads the cache, as in PyTorch's
+    in-place forward. The cache lives in host memory on both devices; on CUDA onnxruntime copies
+    the bound inputs to the GPU on every step (the CUDA provider has not run on a GPU yet).
     """
-    shape = (g.n_layer, 2, batch, g.n_head, length, g.head_dim)
     # Zeros, not garbage: masked positions still enter att @ v, and 0 * NaN would poison it.
-    bufs = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32), device, 0),
-            ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, device, 0)]
+    cache = np.zeros((g.n_layer, 2, batch, g.n_head, length, g.head_dim), np.float32)
     io = sess.io_binding()
-    io.bind_output("logits", "cpu")
+    for i, name in enumerate(past_names(g.n_layer)):
+        io.bind_cpu_input(name, cache[i // 2, i % 2])
 
     def step(tokens: np.ndarray, start: int) -> np.ndarray:
         tok, pos = np.ascontiguousarray(tokens, dtype=np.int64), np.array(start, dtype=np.int64)  # alive until run ends
         io.bind_cpu_input("tokens", tok)
         io.bind_cpu_input("start", pos)
-        io.bind_ortvalue_input("cache", bufs[0])
-        io.bind_ortvalue_output("cache_out", bufs[1])
+        for name in ("logits", "kv"):   # fresh outputs: their shapes change with the chunk and the batch
+            io.bind_output(name, "cpu")
         sess.run_with_iobinding(io)
-        bufs.reverse()
-        return io.get_outputs()[0].numpy().copy()   # the binding reuses its output buffer next step
+        logits, kv = io.get_outputs()
+        cache[:, :, :, :, start:start + tok.shape[1]] = kv.numpy()
+        return logits.numpy().copy()   # our own array, whatever onnxruntime does with its buffers
 
     return step
 

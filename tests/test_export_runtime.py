@@ -55,7 +55,7 @@ def test_bundle_layout_and_manifest(bundle_dir: Path, bundle: Bundle) -> None:
     man = json.loads((bundle_dir / "manifest.json").read_text())
     assert set(man["files"]) == {"config.json", "tokenizer.onnx", "vq_encoder.onnx", "vq_decoder.onnx",
                                  "stage1.onnx", "stage2.onnx"}
-    assert man["format_version"] == 2 and man["weights"] == "float32" and man["opset"] == 17 and man["ir_version"] <= 13
+    assert man["format_version"] == 3 and man["weights"] == "float32" and man["opset"] == 17 and man["ir_version"] <= 13
     assert man["disc_grid"] == 4 and man["vq_grid"] == 4 and man["class_names"] == ["class 0", "class 1", "class 2"]
     assert json.loads(json.dumps(bundle.config.to_dict())) == man["config"] and bundle.class_names == man["class_names"]
     assert bundle.provider == "CPUExecutionProvider"
@@ -206,8 +206,8 @@ def test_caches_hold_the_positions_a_generation_fills_not_the_position_table(tmp
     assert (c.stage1.gpt.context, c.stage1_positions, c.stage2.gpt.context, c.stage2_positions) == (40, 16, 56, 32)
     b = load_bundle(export_bundle(m, tmp_path / "long"), device="cpu", threads=1)
     for stage, T in ((1, 16), (2, 32)):
-        (cache,) = [i for i in b.sessions[f"stage{stage}"].get_inputs() if i.name == "cache"]
-        assert cache.shape[4] == T
+        past = [i for i in b.sessions[f"stage{stage}"].get_inputs() if i.name.startswith("past_")]
+        assert len(past) == 2 * (c.stage1 if stage == 1 else c.stage2).gpt.n_layer and {i.shape[2] for i in past} == {T}
     want, got = m.generate([0, 2], seed=3, cfg=2.0), b.generate([0, 2], seed=3, cfg=2.0)
     assert np.array_equal(got.disc_tokens, want.disc_tokens) and np.array_equal(got.vq_tokens, want.vq_tokens)
     with pytest.raises(ValueError, match="KV cache length of 16"):
@@ -244,7 +244,9 @@ def test_gpt_step_equals_the_in_place_cached_forward(model: DiGIT) -> None:
         cache, functional = gpt.new_cache(2), gpt.new_cache(2)
         for a, b in ((0, 17), (17, 18), (18, gpt.cfg.context)):
             want = gpt(tokens[:, a:b], a, cache)[:, -1]
-            got, functional = gpt.step(tokens[:, a:b], torch.tensor(a), functional)
+            got, kv = gpt.step(tokens[:, a:b], torch.tensor(a), [functional[i, j] for i in range(gpt.cfg.n_layer) for j in (0, 1)])
+            assert kv.shape == (gpt.cfg.n_layer, 2, 2, gpt.cfg.n_head, b - a, gpt.cfg.head_dim)
+            functional[:, :, :, :, a:b] = kv   # what the runtime does with the step's keys and values
             assert (got - want).abs().max() <= 1e-5 and (functional - cache).abs().max() <= 1e-6
 
 
