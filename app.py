@@ -83,10 +83,12 @@ def build(registry: common.Registry, analytics: bool = False) -> gr.Blocks:
                    com.top_p, *sta.image.components]
         model_dd.change(switch, model_dd, outputs, api_visibility="private").then(
             explore.initial, model_dd, tok.outputs, api_visibility="private").then(
+            explore.initial_cluster, model_dd, tok.cluster_outputs, api_visibility="private").then(
             complete.initial, model_dd, com.outputs, api_visibility="private").then(
             stability.initial, model_dd, sta.outputs, api_visibility="private")
         # every tab shows its first example on load (the completion is computed once per model)
         app.load(explore.initial, model_dd, tok.outputs, api_visibility="private")
+        app.load(explore.initial_cluster, model_dd, tok.cluster_outputs, api_visibility="private")
         app.load(stability.initial, model_dd, sta.outputs, api_visibility="private")
         app.load(complete.initial, model_dd, com.outputs, api_visibility="private")
     return app

@@ -28,6 +28,8 @@ CSS = """
 .pixelated img, .pixelated canvas { image-rendering: pixelated; }
 #banner { border-left: 4px solid #d62728; padding-left: 10px; }
 .howto { color: #555; font-size: 0.92em; }
+.thumbs .grid-container { grid-template-columns: repeat(var(--grid-cols), minmax(0, 1fr)) !important; }
+.thumbs .grid-wrap { padding-top: 30px; }
 """
 PAPER = "[arXiv:2410.12490](https://arxiv.org/abs/2410.12490)"
 
@@ -213,9 +215,10 @@ class ImageInput:
 
 def image_input(m: demo.Model | None) -> ImageInput:
     names = m.example_names() if m else []
-    file = gr.File(label="Upload an image", file_types=["image"], height=100)
-    thumbs = gr.Gallery(thumbnails(m), label="…or pick an example", columns=6, height=190, allow_preview=False,
-                        object_fit="contain", elem_classes="pixelated", buttons=[])
+    file = gr.File(label="Upload an image", file_types=["image"], height=130)
+    # three thumbnails a row fit the column; the CSS keeps a narrower column from cutting the last off
+    thumbs = gr.Gallery(thumbnails(m), label="…or pick an example", columns=3, height=300, allow_preview=False,
+                        object_fit="contain", elem_classes=["pixelated", "thumbs"], buttons=[])
     example = gr.Dropdown(names, value=names[0] if names else None, label="Example")
     send = gr.Button("Use this image in the other tabs", size="sm")
     return ImageInput(file, thumbs, example, send)

@@ -24,7 +24,7 @@ def looked_at(m: demo.Model, img: Any, info: str) -> tuple[Any, str, str, dict |
     (if any) in front, and the distance check for the JSON."""
     seen, grey = demo.seen_image(m, img)
     check = demo.distance_check(m, img)
-    caption = "original" + (" as this grey model sees it" if grey else "") + " (dimmed: what the model did not see)"
+    caption = "original, in grey" if grey else "original"   # short: captions are cut at about 16 characters
     notice = demo.distance_notice(check)
     return seen, caption, (notice + "\n\n" if notice else "") + info + (" · " + demo.GREY_NOTE if grey else ""), check
 
@@ -36,12 +36,12 @@ def _result(m: demo.Model, img: Any, g: Any, rows: int, B: int, info: str) -> tu
                                 labels=labels)
     seen, caption, info, check = looked_at(m, img, info)
     pics = [(viz.mark_kept(seen, rows, c.disc_grid, dim=True), caption)]
-    pics += [(viz.mark_kept(x, rows, c.disc_grid, dim=False), f"#{i} · seed {g.seed} · re-rendered from tokens")
+    pics += [(viz.mark_kept(x, rows, c.disc_grid, dim=False), f"#{i} re-rendered")
              for i, x in enumerate(g.images)]
     data = {"keep_rows": rows, "grid": c.disc_grid, "seed": g.seed, "settings": g.settings.to_dict(),
             "disc_tokens": g.disc_tokens.tolist(),
             "vq_tokens": g.vq_tokens.tolist(), "timings": g.timings, "distance_check": check}
-    text = info + " · " + demo.timing_text(g.timings, B, c.disc_grid, c.vq_grid, kept=rows * c.disc_grid)
+    text = info + f" · seed {g.seed} · " + demo.timing_text(g.timings, B, c.disc_grid, c.vq_grid, kept=rows * c.disc_grid)
     return fig, common.gallery(pics), text, data
 
 
@@ -128,8 +128,8 @@ def build(m: demo.Model | None, model_dd: gr.Dropdown) -> View:
         with gr.Column(scale=2):
             plot = gr.Plot(generate.empty_figure(m), label="Stage-1 tokens")
             info = gr.Markdown(label="info")
-            pics = gr.Gallery(label="Original (kept part above the red line), then completions re-rendered from "
-                                    "their tokens", columns=5, height=300, format="png", object_fit="contain",
+            pics = gr.Gallery(label="Original (kept rows above the red line, the rest dimmed), then completions, "
+                                    "each re-rendered from its tokens", columns=5, height=300, format="png", object_fit="contain",
                               buttons=["download", "fullscreen"], elem_classes="pixelated", elem_id="complete-gallery")
             with gr.Accordion("Tokens (JSON)", open=False):
                 data = gr.JSON(label="tokens")

@@ -78,6 +78,7 @@ class View:
     image: common.ImageInput
     cluster: gr.Number
     outputs: list
+    cluster_outputs: list
 
 
 def initial(model: str | None) -> tuple:
@@ -87,6 +88,19 @@ def initial(model: str | None) -> tuple:
     if not names:
         return tuple(gr.skip() for _ in range(7))
     return tokenize(None, names[0], model)
+
+
+def initial_cluster(model: str | None) -> tuple:
+    """The cluster shown on load: the token of the first example's centre cell (cluster id,
+    gallery, note); the most used token is often the background's."""
+    m, _ = common.registry().try_get(model)
+    names = m.example_names() if m else []
+    if not names:
+        return gr.skip(), gr.skip(), gr.skip()
+    ids = m.flows.tokenize(m.example(names[0])[None])[0][0]
+    n = m.config.disc_grid
+    k = int(ids[n // 2, n // 2])
+    return (k, *show_cluster(k, model))
 
 
 def on_model(v: View, m: demo.Model | None) -> dict:
@@ -102,13 +116,16 @@ def build(m: demo.Model | None, model_dd: gr.Dropdown) -> View:
             image = common.image_input(m)
             btn = gr.Button("Tokenize", variant="primary", elem_id="tokenize-btn")
             note = gr.Markdown(label="note")
-            cluster = gr.Number(label="Cluster id (or click a cell of the image)", precision=0, minimum=0)
-            cluster_img = gr.Image(label="Cluster gallery", interactive=False, format="png", height=420,
-                                   elem_classes="pixelated")
-            cluster_note = gr.Markdown()
         with gr.Column(scale=2):
-            overlay = gr.Image(label="Image with its discriminative-token grid (click a cell)", interactive=False,
-                               format="png", elem_id="tokenize-overlay")
+            with gr.Row():   # the image to click and the cluster a click shows, side by side
+                with gr.Column():
+                    gr.Markdown("**The image with its discriminative-token grid** (click a cell)")
+                    overlay = gr.Image(show_label=False, interactive=False, format="png", elem_id="tokenize-overlay")
+                with gr.Column():
+                    cluster = gr.Number(label="Cluster id (or click a cell of the image)", precision=0, minimum=0)
+                    cluster_img = gr.Image(label="Cluster gallery", interactive=False, format="png", height=400,
+                                           elem_classes="pixelated", elem_id="cluster-gallery")
+                    cluster_note = gr.Markdown()
             with gr.Row():
                 disc = gr.Plot(label="Discriminative tokens")
                 vq = gr.Plot(label="VQ tokens")
@@ -121,4 +138,4 @@ def build(m: demo.Model | None, model_dd: gr.Dropdown) -> View:
     image.wire(model_dd, tokenize, outputs)
     overlay.select(pick_cell, [ids, model_dd], [cluster, cluster_img, cluster_note], api_visibility="private")
     cluster.submit(show_cluster, [cluster, model_dd], [cluster_img, cluster_note], api_visibility="private")
-    return View(image, cluster, outputs)
+    return View(image, cluster, outputs, [cluster, cluster_img, cluster_note])
