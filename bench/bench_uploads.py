@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import tempfile
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from digit_core.images import MAX_DECODED_BYTES, decoded_bytes
+from digit_core.images import MAX_DECODED_BYTES, MAX_PIXELS, decoded_bytes
 
 CHILD = r"""
 import json, resource, sys, threading, time
@@ -44,7 +45,8 @@ print(json.dumps({"peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 def cases(folder: Path) -> list[tuple[str, Path]]:
     side16 = 6300
-    float_side = int(np.sqrt(MAX_DECODED_BYTES / 4)) - 16          # the largest float32 square allowed
+    # the largest float32 square allowed: 4 bytes a pixel, so the pixel limit binds before the byte limit
+    float_side = math.isqrt(min(MAX_PIXELS, MAX_DECODED_BYTES // 4)) - 16
     out = []
     p = folder / "deep16.png"                                       # 16-bit grey, nearly constant: tiny file
     Image.fromarray(np.full((side16, side16), 40000, np.uint16)).save(p)
@@ -54,7 +56,7 @@ def cases(folder: Path) -> list[tuple[str, Path]]:
     out.append((f"float32 TIFF {float_side}x{float_side} (at the limit)", p))
     p = folder / "float32-over.tiff"
     Image.new("F", (float_side + 64, float_side + 64), 0.5).save(p, compression="tiff_deflate")
-    out.append((f"float32 TIFF {float_side + 64}x{float_side + 64} (over the limit)", p))
+    out.append((f"float32 TIFF {float_side + 64}x{float_side + 64} (over the pixel limit)", p))
     p = folder / "rgb40mp.png"
     Image.new("RGB", (6320, 6320), (200, 30, 30)).save(p)
     out.append(("8-bit RGB PNG 6320x6320 (40 MP)", p))
@@ -69,7 +71,8 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=32, help="the model's image size (default %(default)s)")
     a = ap.parse_args()
     root = Path(__file__).resolve().parents[1]
-    print(f"4 concurrent decodes per case; MAX_DECODED_BYTES = {MAX_DECODED_BYTES / 2**20:.0f} MiB\n")
+    print(f"4 concurrent decodes per case; MAX_PIXELS = {MAX_PIXELS / 1e6:g} M, "
+          f"MAX_DECODED_BYTES = {MAX_DECODED_BYTES / 2**20:.0f} MiB\n")
     print("| case | file KiB | decoded MiB | +peak RSS MiB | peak / decoded | seconds | result |")
     print("|---|---:|---:|---:|---:|---:|---|")
     with tempfile.TemporaryDirectory() as tmp:
