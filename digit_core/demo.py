@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import queue
 import threading
 import time
@@ -23,6 +22,7 @@ import numpy as np
 from .config import EncoderConfig
 from .flows import keep_rows_for  # noqa: F401  (the Complete tab's and the analyses' rows policy, from here too)
 from .images import load_image
+from .ood import DISTANCES_FILE, MAX_DISTANCES_BYTES, DistanceReference, tokenizer_sha256
 from .metrics import add_noise, as_seen, cosine_similarity, stability, token_change_rate
 from .sampling import check_number, check_seed
 
@@ -33,8 +33,6 @@ DEFAULT_MODEL = EXPORTED / "fmnist"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 MAX_EXAMPLES = 32              # training.assets writes 3 test images per class: 30 for Fashion-MNIST
 GENERATED_EXAMPLES = 8
-DISTANCES_FILE = "distances.json"   # in the cluster folder: training.assets' reference distances
-MAX_DISTANCES_BYTES = 64 * 1024
 
 log = logging.getLogger("digit_core.demo")
 
@@ -208,75 +206,6 @@ class Model:
 
     def _stability_curve(self) -> dict[str, list[float] | int]:
         return stability(self.flows, np.stack([img for _, img in self.examples()[0]]), seed=0)
-
-
-# -- out of distribution ----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class DistanceReference:
-    """Percentiles of the training images' mean squared distance to their nearest centroids."""
-
-    percentiles: dict[str, float]      # "50", "90", "95", "99", "99.9" -> value, ascending
-    max: float
-    images: int
-    split: str
-    tokenizer_sha256: str | None
-    source: str
-
-    @property
-    def p99(self) -> float:
-        return self.percentiles["99"]
-
-    @classmethod
-    def parse(cls, d: Any, source: str) -> DistanceReference:
-        if not isinstance(d, dict) or not isinstance(d.get("percentiles"), dict):
-            raise ValueError("no 'percentiles' object")
-        pct = {str(k): float(v) for k, v in d["percentiles"].items()}
-        values = [pct[k] for k in sorted(pct, key=float)]
-        if "99" not in pct or not all(math.isfinite(v) and v >= 0 for v in values) or values != sorted(values):
-            raise ValueError("percentiles must include '99' and be finite, non-negative and ascending")
-        images, top = int(d["images"]), float(d.get("max", values[-1]))
-        if images < 1 or not math.isfinite(top):
-            raise ValueError("'images' must be positive and 'max' finite")
-        sha = d.get("tokenizer_sha256")
-        return cls({k: pct[k] for k in sorted(pct, key=float)}, top, images, str(d.get("split", "train")),
-                   sha if isinstance(sha, str) else None, source)
-
-
-def tokenizer_sha256(flows: Any) -> str | None:
-    """The sha256 its manifest lists for a bundle's tokenizer graph (None for other flows)."""
-    m = getattr(flows, "manifest", None)
-    try:
-        return m["files"][m["graphs"]["tokenizer"]]["sha256"]
-    except (TypeError, KeyError):
-        return None
-
-
-def distance_check(model: Model, image: np.ndarray, dists: np.ndarray | None = None) -> dict[str, Any] | None:
-    """An image's mean squared distance to its nearest centroids beside the training images'
-    (``dists``: the tokenizer's, if already computed), or None when the model has no reference."""
-    ref = model.distance_reference()
-    if ref is None:
-        return None
-    if dists is None:
-        dists = model.flows.tokenize(image[None])[1]
-    score = float(np.asarray(dists, np.float64).mean())
-    above = [k for k, v in ref.percentiles.items() if score > v]
-    return {"mean_sq_distance": score, "p99": ref.p99, "beyond_p99": score > ref.p99,
-            "above_percentile": above[-1] if above else None, "beyond_max": score > ref.max,
-            "reference_images": ref.images, "reference_split": ref.split}
-
-
-def distance_notice(check: dict[str, Any] | None) -> str:
-    """The out-of-distribution notice for ``distance_check``'s answer ("" when there is nothing to say)."""
-    if not check or not check["beyond_p99"]:
-        return ""
-    q = check["above_percentile"]
-    extra = ("; farther than every one of them" if check["beyond_max"] else
-             f"; beyond their {q}th percentile too" if q not in (None, "99") else "")
-    return (f"⚠️ **Out of distribution:** this image's mean squared distance to its nearest centroids, "
-            f"{check['mean_sq_distance']:.4g}, is beyond the **99th percentile** of {check['reference_images']:,} "
-            f"{check['reference_split']} images ({check['p99']:.4g}){extra}. Its patches are far from every "
-            "cluster the model knows: read its tokens, and what the model makes of them, with care.")
 
 
 GREY_NOTE = "This model reads grey images: the picture shows the grey image it sees."

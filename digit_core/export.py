@@ -50,6 +50,7 @@ import torch.nn as nn
 from .gpt import GPT
 from .pipeline import DiGIT
 from .runtime import FORMAT, MAX_IR_VERSION, SUPPORTED_FORMAT_VERSIONS, past_names, sha256
+from .weights import quantize_int8, round_weights_to_half, store_half
 
 FORMAT_VERSION = SUPPORTED_FORMAT_VERSIONS[-1]
 RTOL = 1e-4           # max |ort - torch| / max |torch| tolerated at export
@@ -117,66 +118,6 @@ def _graph_specs(model: DiGIT) -> dict[str, dict[str, Any]]:
         "stage1": dict(module=GPTStep(model.stage1), make=stage(model.stage1, c.stage1_positions), **step_io(model.stage1)),
         "stage2": dict(module=GPTStep(model.stage2), make=stage(model.stage2, c.stage2_positions), **step_io(model.stage2)),
     }
-
-
-def round_weights_to_half(model: DiGIT) -> DiGIT:
-    """A copy of ``model`` whose float tensors are rounded to float16 (and kept float32)."""
-    model = copy.deepcopy(model)
-    with torch.no_grad():
-        for t in list(model.parameters()) + list(model.buffers()):
-            if t.is_floating_point():
-                t.copy_(t.half().float())
-        model.codebook.set_centroids(model.codebook.centroids)   # centroid_sq from the rounded centroids
-    return model
-
-
-def store_half(proto: onnx.ModelProto, min_size: int = 1024) -> int:
-    """Store each float32 initializer of ``min_size`` or more values that float16 holds exactly
-    as float16 + a Cast to float32 (in place); returns the bytes saved."""
-    from onnx import numpy_helper
-    g, saved, casts = proto.graph, 0, []
-    for init in g.initializer:
-        if init.data_type != onnx.TensorProto.FLOAT or np.prod(init.dims) < min_size:
-            continue
-        x = numpy_helper.to_array(init)
-        h = x.astype(np.float16)
-        if not np.array_equal(h.astype(np.float32), x):
-            continue
-        name = init.name
-        init.CopyFrom(numpy_helper.from_array(h, f"{name}.fp16"))
-        casts.append(onnx.helper.make_node("Cast", [f"{name}.fp16"], [name], to=onnx.TensorProto.FLOAT))
-        saved += x.nbytes - h.nbytes
-    nodes = casts + list(g.node)
-    del g.node[:]
-    g.node.extend(nodes)
-    return saved
-
-
-def quantize_int8(proto: onnx.ModelProto, scratch: Path) -> tuple[onnx.ModelProto, int]:
-    """``proto`` with int8 weights in the MatMul/Gemm nodes of its transformer blocks and head
-    (see the module docstring), through files in ``scratch``; returns it and the node count."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    consts = {i.name for i in proto.graph.initializer}
-    # torch's exporter names nodes by module path: /blocks.N/... and /head/...
-    nodes = [n.name for n in proto.graph.node if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1
-             and n.input[1] in consts and (n.name.startswith("/blocks.") or n.name.startswith("/head/"))]
-    if not nodes:
-        return proto, 0
-    src, dst = scratch / "float.onnx", scratch / "int8.onnx"
-    big = proto.ByteSize() > 1_800_000_000
-    onnx.save_model(proto, str(src), save_as_external_data=big, location="float.onnx.data" if big else None)
-    # reduce_range stays off: it costs a bit of weight precision and only helps AVX2 kernels
-    # without VNNI, whose u8 x s8 products can saturate
-    quantize_dynamic(src, dst, op_types_to_quantize=["MatMul", "Gemm"], nodes_to_quantize=nodes,
-                     per_channel=True, reduce_range=False, weight_type=QuantType.QInt8,
-                     use_external_data_format=big)
-    out = onnx.load(str(dst))
-    for f in scratch.glob("float.onnx*"):
-        f.unlink()
-    for f in scratch.glob("int8.onnx*"):
-        f.unlink()
-    return out, len(nodes)
 
 
 def _export_graph(spec: dict[str, Any], path: Path, opset: int, half: bool = False, int8: bool = False) -> int:

@@ -8,7 +8,7 @@ from typing import Any
 
 import gradio as gr
 
-from digit_core import demo, viz
+from digit_core import demo, ood, viz
 
 from . import common, generate
 
@@ -23,9 +23,9 @@ def looked_at(m: demo.Model, img: Any, info: str) -> tuple[Any, str, str, dict |
     """The image as the model sees it, its caption, ``info`` with the out-of-distribution notice
     (if any) in front, and the distance check for the JSON."""
     seen, grey = demo.seen_image(m, img)
-    check = demo.distance_check(m, img)
+    check = ood.distance_check(m, img)
     caption = "original, in grey" if grey else "original"   # short: captions are cut at about 16 characters
-    notice = demo.distance_notice(check)
+    notice = ood.distance_notice(check)
     return seen, caption, (notice + "\n\n" if notice else "") + info + (" · " + demo.GREY_NOTE if grey else ""), check
 
 

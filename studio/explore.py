@@ -7,7 +7,7 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-from digit_core import demo, viz
+from digit_core import demo, ood, viz
 
 from . import common
 
@@ -26,7 +26,7 @@ def tokenize(image: str | None, example: str | None, model: str | None = None) -
     vq = m.flows.vq_tokenize(img[None])[0]
     sizes, source = m.cluster_sizes()
     seen, grey = demo.seen_image(m, img)
-    check = demo.distance_check(m, img, dists[0])
+    check = ood.distance_check(m, img, dists[0])
     overlay = viz.grid_overlay(seen, ids[0], c.disc_grid)
     disc_fig = viz.token_figure(ids[0], f"Discriminative tokens ({c.disc_grid}×{c.disc_grid})", c.codebook.size,
                                 dists[0], sizes)
@@ -37,7 +37,7 @@ def tokenize(image: str | None, example: str | None, model: str | None = None) -
     note = f"{source}. Click a cell of the image to see its cluster."
     if grey:
         note += " " + demo.GREY_NOTE
-    if notice := demo.distance_notice(check):
+    if notice := ood.distance_notice(check):
         note = notice + "\n\n" + note
     return common.png(overlay), disc_fig, vq_fig, hist, note, data, ids[0].tolist()
 

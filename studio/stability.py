@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from digit_core import demo, viz
+from digit_core import demo, ood, viz
 from digit_core.sampling import check_seed
 
 from . import common
@@ -26,7 +26,7 @@ def stability(image: str | None, example: str | None, snr_db: float = DEFAULT_SN
     r = demo.stability_one(m, img, snr, check_seed(seed))
     curve = m.stability_curve()
     seen, grey = demo.seen_image(m, img)
-    check = demo.distance_check(m, img)
+    check = ood.distance_check(m, img)
     pair = viz.side_by_side([viz.upscale(seen, 256), viz.upscale(r["noisy"], 256)])
     rates = (f"At **{snr:g} dB**: discriminative tokens changed **{r['disc_change_rate']:.1%}** "
              f"({int(r['disc_changed'].sum())} of {c.disc_grid ** 2}), VQ tokens changed "
@@ -35,7 +35,7 @@ def stability(image: str | None, example: str | None, snr_db: float = DEFAULT_SN
              f"{curve['num_images']} example images (noise seed 0).")
     if grey:
         rates += " " + demo.GREY_NOTE + " The noise is added to that grey image."
-    if notice := demo.distance_notice(check):
+    if notice := ood.distance_notice(check):
         rates = notice + "\n\n" + rates
     data = {k: r[k] for k in ("disc_change_rate", "vq_change_rate", "disc_cos_sim")} | {"distance_check": check}
     data |= {"disc_changed": r["disc_changed"].astype(int).tolist(), "vq_changed": r["vq_changed"].astype(int).tolist(),

@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from digit_core import checkpoints
 from digit_core import convert as cv
 from digit_core.config import DiGITConfig, EncoderConfig, GPTConfig, VQGANConfig
 from digit_core.presets import fairseq_layout
@@ -224,8 +225,8 @@ def test_weights_only_and_trust_pickle(tmp_path: Path, capsys: pytest.CaptureFix
     assert ck.options["decoder_attention_heads"] == 2 and ck.stage == 1
     torch.save({"model": {}, "cfg": {"model": {}}, "evil": Payload()}, tmp_path / "evil.pt")
     with pytest.raises(cv.ConvertError, match=r"Payload.*--trust-pickle"):
-        cv.load_checkpoint(tmp_path / "evil.pt")
-    assert isinstance(cv.load_checkpoint(tmp_path / "evil.pt", trust_pickle=True)["evil"], Payload)
+        checkpoints.load_checkpoint(tmp_path / "evil.pt")
+    assert isinstance(checkpoints.load_checkpoint(tmp_path / "evil.pt", trust_pickle=True)["evil"], Payload)
     assert "arbitrary code" in capsys.readouterr().err
 
 
@@ -355,10 +356,10 @@ def test_files_that_are_not_checkpoints(tmp_path: Path, name: str, why: str, cap
     """Named as such before any unpickling, and never told to lift the pickle protection."""
     path = _not_checkpoints(tmp_path)[name]
     with pytest.raises(cv.ConvertError, match=f"{re.escape(str(path))}: not a PyTorch checkpoint .*{why}") as err:
-        cv.load_checkpoint(path)
+        checkpoints.load_checkpoint(path)
     assert "--trust-pickle" not in str(err.value)
     with pytest.raises(cv.ConvertError, match="not a PyTorch checkpoint"):   # nor with the protection off
-        cv.load_checkpoint(path, trust_pickle=True)
+        checkpoints.load_checkpoint(path, trust_pickle=True)
     with pytest.raises(SystemExit) as exit_:
         cv.main(["--stage1", str(path), "--stage2", str(path), "--out", str(tmp_path / "out")])
     assert "not a PyTorch checkpoint" in str(exit_.value.code) and "trust-pickle" not in str(exit_.value.code)
@@ -372,7 +373,7 @@ def test_damaged_pickle_inside_a_real_archive(tmp_path: Path) -> None:
             data = src.read(info)
             dst.writestr(info, b"\x80\x02garbage" if info.filename.endswith("data.pkl") else data)
     with pytest.raises(cv.ConvertError, match="bad.pt: a damaged PyTorch checkpoint") as err:
-        cv.load_checkpoint(tmp_path / "bad.pt")
+        checkpoints.load_checkpoint(tmp_path / "bad.pt")
     assert "--trust-pickle" not in str(err.value)
 
 

@@ -252,7 +252,7 @@ def test_gpt_step_equals_the_in_place_cached_forward(model: DiGIT) -> None:
 
 def test_float16_weights_halve_the_bundle_and_match_the_rounded_model(model: DiGIT, bundle_dir: Path,
                                                                      tmp_path: Path) -> None:
-    from digit_core.export import round_weights_to_half
+    from digit_core.weights import round_weights_to_half
     half_dir = export_bundle(model, tmp_path / "half", weights="float16")   # its own check vs the rounded model passed
     size = lambda d: sum(f.stat().st_size for f in d.glob("*.onnx"))
     assert size(half_dir) < 0.6 * size(bundle_dir)

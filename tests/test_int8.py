@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from digit_core.presets import tiny
-from digit_core.export import main as export_main, round_weights_to_half
+from digit_core.export import main as export_main
+from digit_core.weights import round_weights_to_half
 from digit_core.pipeline import DiGIT
 from digit_core.runtime import load_bundle
 

@@ -18,7 +18,7 @@ from PIL import Image
 pytest.importorskip("gradio")
 import gradio as gr  # noqa: E402
 
-from digit_core import demo, viz  # noqa: E402
+from digit_core import demo, ood, viz  # noqa: E402
 from digit_core.presets import tiny  # noqa: E402
 from digit_core.export import export_bundle  # noqa: E402
 from digit_core import images  # noqa: E402
@@ -238,7 +238,7 @@ def test_out_of_distribution_notice(fmnist: demo.Model, tmp_path: Path) -> None:
     assert not check["beyond_p99"] and check["p99"] == ref.p99
     assert not any("Out of distribution" in t for t in texts), texts
     # held-out test images: about 1% lie beyond a 99th percentile, so few of the examples may
-    flagged = [n for n in names if demo.distance_check(fmnist, fmnist.example(n))["beyond_p99"]]
+    flagged = [n for n in names if ood.distance_check(fmnist, fmnist.example(n))["beyond_p99"]]
     assert len(flagged) <= 3, flagged
     # a checkerboard is far from every Fashion-MNIST patch: each tab says so, naming the percentile
     odd = tmp_path / "checkerboard.png"
@@ -288,10 +288,10 @@ def test_no_reference_no_notice(registry: common.Registry, bundle: Path, tmp_pat
     (copy / "clusters" / "distances.json").write_text(json.dumps(good))
     other = demo.Model(copy, m.flows)
     assert other.distance_reference().p99 == 2.0
-    check = demo.distance_check(other, m.example(m.example_names()[0]), np.full((4, 4), 2.5))
+    check = ood.distance_check(other, m.example(m.example_names()[0]), np.full((4, 4), 2.5))
     assert check["beyond_p99"] and check["above_percentile"] == "99" and not check["beyond_max"]
-    assert "beyond the **99th percentile** of 100 train images (2)" in demo.distance_notice(check)
-    assert demo.distance_notice(demo.distance_check(other, None, np.full((4, 4), 1.5))) == ""
+    assert "beyond the **99th percentile** of 100 train images (2)" in ood.distance_notice(check)
+    assert ood.distance_notice(ood.distance_check(other, None, np.full((4, 4), 1.5))) == ""
 
 
 # -- serving rules (studio.service) -----------------------------------------------------------------------

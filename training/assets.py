@@ -50,6 +50,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from digit_core import demo
+from digit_core.ood import DISTANCES_FILE, image_distances, tokenizer_sha256
 from digit_core.runtime import Bundle, load_bundle
 from training.config import RunConfig
 from training.data import as_uint8, load_data, test_split
@@ -225,14 +226,7 @@ def write_galleries(data: Dataset, galleries: dict[int, list[Patch]], n: int, co
 
 # -- how far training images lie from the codebook ----------------------------------------------------------
 REFERENCE_PERCENTILES = (50, 90, 95, 99, 99.9)
-DISTANCES_FILE = "distances.json"
 REFERENCE_IMAGES_MIN = 100
-
-
-def image_distances(dists: np.ndarray) -> np.ndarray:
-    """The tokenizer's squared distances ``[N, n, n]`` -> each image's mean ``[N]`` (float64):
-    the statistic the app's out-of-distribution notice compares with the training images'."""
-    return np.asarray(dists, np.float64).reshape(len(dists), -1).mean(1)
 
 
 def reference_indices(n: int, cluster_sample: np.ndarray, count: int, seed: int) -> tuple[np.ndarray, bool]:
@@ -256,7 +250,7 @@ def distance_reference(bundle: Bundle, data: Dataset, idx: np.ndarray, batch_siz
     return {"statistic": "an image's mean squared distance from its patches' features to their nearest centroids",
             "percentiles": {f"{q:g}": float(v) for q, v in zip(REFERENCE_PERCENTILES, np.percentile(d, REFERENCE_PERCENTILES))},
             "max": float(d.max()), "mean": float(d.mean()), "images": int(len(d)),
-            "tokenizer_sha256": demo.tokenizer_sha256(bundle), "codebook_size": c.codebook.size, "grid": c.disc_grid}
+            "tokenizer_sha256": tokenizer_sha256(bundle), "codebook_size": c.codebook.size, "grid": c.disc_grid}
 
 
 def write_distances(bundle: Bundle, data: Dataset, spec: str, cluster_sample: np.ndarray, a: argparse.Namespace,
