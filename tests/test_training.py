@@ -16,7 +16,7 @@ from PIL import Image
 from digit_core.config import ConfigError
 from digit_core.data import FMNIST_DIR, FashionMNIST, ImageFolder
 from training.config import parse_config
-from training.files import load_tensors
+from training.files import atomic_path, atomic_save, atomic_write_text, load_tensors
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--model=tiny", "--batch_size=8", "--workers=0"]
@@ -37,11 +37,26 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_folder(tmp_path_factory.mktemp("images"))
 
 
+# -- files ----------------------------------------------------------------------------------------------
+def test_a_failed_atomic_write_leaves_the_old_file_and_no_temp_file(tmp_path: Path) -> None:
+    path = tmp_path / "run" / "a.safetensors"
+    atomic_save({"x": torch.zeros(2)}, path, {"v": 1})
+    with pytest.raises(RuntimeError, match="killed mid-write"), atomic_path(path) as tmp:
+        assert tmp.parent == path.parent and tmp.name.startswith(".") and tmp.suffix == ".tmp"
+        tmp.write_bytes(b"half a file")
+        raise RuntimeError("killed mid-write")
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
+    assert load_tensors(path)[1] == {"v": 1}
+    atomic_write_text(path.with_name("b.json"), "new")     # a success renames the temp file into place
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name, "b.json"]
+    assert path.with_name("b.json").read_text() == "new"
+
+
 # -- data -----------------------------------------------------------------------------------------------
 def test_image_folder_shapes_and_determinism(folder: Path) -> None:
     ds = ImageFolder(folder, 16, channels=3)
     assert ds.classes == ["class0", "class1", "class2"] and len(ds) == 40
-    x, y = ds[(5, 123)]
+    x, _ = ds[(5, 123)]
     assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
     assert torch.equal(x, ds[(5, 123)][0])                      # the seed fixes the augmentation
     assert torch.allclose(x * 255, (x * 255).round(), atol=1e-3)  # uint8 steps, as the pipeline sees
@@ -58,8 +73,8 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path: Path) -> None:
     bad = [i for i, (p, _) in enumerate(ds.samples) if Path(p).name in ("truncated.png", "text.png")]
     assert len(bad) == 2
     with pytest.warns(UserWarning, match="skipping unreadable image"):
-        for i in range(len(ds)):
-            assert ds[i][0].shape == (3, 16, 16)
+        shapes = [ds[i][0].shape for i in range(len(ds))]
+    assert all(s == (3, 16, 16) for s in shapes)
     assert ds.skipped == 2
 
 
@@ -129,7 +144,8 @@ def test_a_recipe_can_extend_a_base_recipe(tmp_path: Path) -> None:
 
 
 def test_help_lists_every_option_and_exits_cleanly() -> None:
-    r = subprocess.run([sys.executable, "-m", "training.stage1", "--help"], cwd=REPO, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "training.stage1", "--help"], check=False, cwd=REPO,
+                       capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "Stage 1" in r.stdout and "--tokens=disc" in r.stdout and "--steps=" in r.stdout
     assert "# disc | vq" in r.stdout   # the field's comment travels with it
@@ -160,7 +176,7 @@ def test_two_process_ddp_on_cpu(tmp_path: Path, folder: Path) -> None:
            "-m", "training.vqgan", f"--root={tmp_path}", f"--data={folder}", *TINY, "--steps=3",
            "--adv_start=1", "--reset_every=2", "--eval_every=100", "--eval_images=8"]
     env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    out = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stderr[-3000:]
     log = (tmp_path / "vqgan/train.log").read_text()
     assert "rank 0/2" in log and "all 2 replicas hold identical weights" in log
@@ -179,8 +195,8 @@ def test_info_nce_rewards_matching_views() -> None:
 
 
 def test_contrastive_ssl_trains_a_conv_stem_encoder(tmp_path: Path, folder: Path) -> None:
-    from digit_core.presets import tiny
     from digit_core.encoders import Encoder
+    from digit_core.presets import tiny
     from training import ssl
     cfg = tiny(3)
     cfg.encoder.stem = "conv"
@@ -200,8 +216,8 @@ def test_contrastive_ssl_trains_a_conv_stem_encoder(tmp_path: Path, folder: Path
 
 def test_every_trained_parameter_gets_a_gradient() -> None:
     """DDP fails on parameters that take no gradient: each objective's model holds only its own."""
-    from digit_core.presets import tiny
     from digit_core.encoders import Encoder
+    from digit_core.presets import tiny
     from training.ssl import OBJECTIVES, SSLConfig, SSLModel
     from training.ssl_objectives import info_nce, random_masks
     e = tiny(3).encoder
@@ -259,7 +275,8 @@ def test_fmnist_script_runs_every_stage_to_a_bundle_and_assets(tmp_path: Path, f
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(recipe))
     env = os.environ | {"CONFIG": str(tmp_path / "tiny.yaml"), "BUNDLE": str(tmp_path / "bundle"),
                         "ASSETS": str(tmp_path / "assets"), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(["bash", "training/fmnist.sh", "--seed=1"], cwd=REPO, env=env, capture_output=True, text=True)
+    r = subprocess.run(["bash", "training/fmnist.sh", "--seed=1"], check=False, cwd=REPO, env=env,
+                       capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert [l for l in r.stdout.splitlines() if l.startswith("== ")][:7] == [
         f"== {s}" for s in ("ssl", "features", "kmeans", "vqgan", "stage1", "stage2", "assemble")]
@@ -277,7 +294,7 @@ def test_a_stage_run_as_a_file_says_how_to_run_it(stage: str) -> None:
     """``python training/X.py`` puts training/ first on the path, where ssl.py would shadow the
     standard library's ssl (a circular-import traceback inside torch): each stage says instead
     how to run it, before importing anything."""
-    r = subprocess.run([sys.executable, f"training/{stage}.py", "--help"], cwd=REPO, capture_output=True, text=True,
-                       timeout=60)
+    r = subprocess.run([sys.executable, f"training/{stage}.py", "--help"], check=False, cwd=REPO,
+                       capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and r.stderr.strip() == (f"run the stages as modules from the repository root: "
                                                       f"python -m training.{stage} --help")

@@ -29,7 +29,6 @@ if __name__ == "__main__" and not __package__:   # run as a file, training/ woul
     raise SystemExit("run the stages as modules from the repository root: python -m training.eval_imagenet --help")
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -39,6 +38,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from digit_core.pipeline import DiGIT
+from training.files import atomic_path
 
 # Paper, ImageNet 256x256, no guidance: (codebook size, class-conditional) -> (FID, IS)
 PAPER = {(8192, True): ("219M class-cond", 4.79, 142.87), (16000, True): ("732M class-cond", 3.39, 205.96),
@@ -70,13 +70,12 @@ def sample_all(model: DiGIT, out: Path, per_class: int, batch: int, seed: int, t
     print(f"shard {shard}/{num_shards}: {len(batches) - len(todo)} of {len(batches)} batches already written")
     for b in tqdm(todo, desc="sampling", unit="batch"):
         idx = np.arange(b * batch, min(total, (b + 1) * batch))
-        kw = dict(class_ids=idx // per_class) if C else dict(n=len(idx))
+        kw = {"class_ids": idx // per_class} if C else {"n": len(idx)}
         imgs = model.sample(**kw, seed=seed + b, top_k=top_k, top_p=top_p, temperature=temperature)
         for img, i in zip(imgs, idx):
             path = png_path(out, int(i), per_class)
-            tmp = path.with_name(path.name + ".tmp")   # not *.png: a killed write is never scored
-            Image.fromarray(img).save(tmp, format="PNG")
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:   # not *.png: a killed write is never scored
+                Image.fromarray(img).save(tmp, format="PNG")
 
 
 def make_val(src: Path, dst: Path) -> None:

@@ -18,7 +18,6 @@ if __name__ == "__main__" and not __package__:   # run as a file, training/ woul
 import dataclasses
 import json
 import math
-import os
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -30,7 +29,7 @@ from tqdm import tqdm
 from digit_core.pipeline import to_channels
 from training.config import RunConfig, parse_config
 from training.data import load_data
-from training.files import as_json, data_identity, differences, file_digest
+from training.files import as_json, atomic_path, data_identity, differences, file_digest
 from training.tokens import load_encoder
 from training.trainer import Trainer
 
@@ -76,20 +75,19 @@ def main(argv: list[str] | None = None) -> None:
         loader = DataLoader(Subset(data, idx.tolist()), cfg.batch_size, num_workers=cfg.workers)
         n = mcfg.disc_grid ** 2
         per = cfg.patches_per_image or n
-        tmp = path.with_name(f".{path.name}.tmp.npy")
-        out = np.lib.format.open_memmap(tmp, "w+", np.dtype(cfg.dtype), (len(idx) * per, mcfg.encoder.width))
-        row = 0
-        for x, _ in tqdm(loader, desc=f"features {name}", disable=not tr.d.main, dynamic_ncols=True):
-            f = encoder.features(to_channels(x.to(tr.device), mcfg.encoder.in_chans)).flatten(1, 2)   # [B, n, d]
-            if per < n:
-                keep = torch.rand(f.shape[:2], generator=patch_rng).argsort(1)[:, :per].to(f.device)
-                f = f.gather(1, keep[..., None].expand(-1, -1, f.shape[-1]))
-            f = f.reshape(-1, f.shape[-1]).float().cpu().numpy()
-            out[row: row + len(f)] = f
-            row += len(f)
-        out.flush()
-        del out
-        os.replace(tmp, path)   # a kill mid-dump leaves no shard that looks finished
+        with atomic_path(path) as tmp:   # a kill mid-dump leaves no shard that looks finished
+            out = np.lib.format.open_memmap(tmp, "w+", np.dtype(cfg.dtype), (len(idx) * per, mcfg.encoder.width))
+            row = 0
+            for x, _ in tqdm(loader, desc=f"features {name}", disable=not tr.d.main, dynamic_ncols=True):
+                f = encoder.features(to_channels(x.to(tr.device), mcfg.encoder.in_chans)).flatten(1, 2)   # [B, n, d]
+                if per < n:
+                    keep = torch.rand(f.shape[:2], generator=patch_rng).argsort(1)[:, :per].to(f.device)
+                    f = f.gather(1, keep[..., None].expand(-1, -1, f.shape[-1]))
+                f = f.reshape(-1, f.shape[-1]).float().cpu().numpy()
+                out[row: row + len(f)] = f
+                row += len(f)
+            out.flush()
+            del out
         record.write_text(json.dumps(key, indent=2))
         tr.info(f"wrote {path}: {len(idx)} images x {per} patches")
     skipped = getattr(data, "skipped", 0)

@@ -2,9 +2,11 @@
 the provenance keys (data identity, file digests) that caches and checkpoints are checked against."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,30 +20,39 @@ from digit_core.config import ConfigError
 
 
 # -- files -----------------------------------------------------------------------------------------------
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """``text`` written to a temp name then renamed: a kill leaves the old file or the new."""
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temp path beside ``path`` to write to, renamed onto ``path`` when the block ends and
+    removed when it raises: an error or a kill leaves the old file (or none), never half a new
+    one. The temp name is hidden and ends in ``.tmp``, so globs for the real files skip it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")   # the pid: concurrent writers never share one
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """``text`` written to ``path`` atomically (``atomic_path``)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def atomic_save(tensors: dict[str, torch.Tensor], path: str | Path, meta: dict[str, Any] | None = None) -> None:
-    """safetensors file written to a temp name then renamed: a kill leaves the old file or the new."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
-              metadata={"json": json.dumps(meta or {})})
-    os.replace(tmp, path)
+    """A safetensors file with ``meta`` as its JSON header, written atomically (``atomic_path``)."""
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata={"json": json.dumps(meta or {})})
 
 
 def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The tensors and the JSON metadata of a file ``atomic_save`` wrote."""
     with safe_open(str(path), "pt") as f:
         meta = json.loads((f.metadata() or {}).get("json", "{}"))
-        return {k: f.get_tensor(k) for k in f.keys()}, meta
+        return {k: f.get_tensor(k) for k in f.keys()}, meta   # noqa: SIM118 (safe_open is no mapping)
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
