@@ -13,12 +13,11 @@ A stage script reads top to bottom::
 
 The same script runs as one CPU process and under ``torchrun --nproc_per_node=N`` (gloo on CPU,
 NCCL on GPU). Our files never need pickle: checkpoints are one safetensors file each, whose
-metadata header holds the non-tensor state as JSON, replaced atomically (temp file + os.replace).
+metadata header holds the non-tensor state as JSON, replaced atomically (``training.checkpoint``).
 """
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import json
 import logging
@@ -26,45 +25,23 @@ import math
 import random
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn as nn
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from digit_core.config import ConfigError
+from training.checkpoint import CHECKPOINT, check_resumed, read_checkpoint, restore_rng, rng_state, write_checkpoint
 from training.config import RunConfig, TrainConfig
 from training.dist import ResumableSampler, all_gather, barrier, init_dist
-from training.files import (
-    IDENTITY_FIELDS,
-    StaleRunError,
-    as_json,
-    atomic_save,
-    data_identity,
-    differences,
-    load_tensors,
-)
-
-CHECKPOINT = "checkpoint.safetensors"
-
-
-# -- EMA -----------------------------------------------------------------------------------------------
-class EMA:
-    """An exponential moving average copy of a module's parameters (buffers are copied)."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.module = copy.deepcopy(module).requires_grad_(False).eval()
-
-    @torch.no_grad()
-    def update(self, module: nn.Module, decay: float) -> None:
-        for e, p in zip(self.module.parameters(), module.parameters()):
-            e.lerp_(p, 1.0 - decay)
-        for e, b in zip(self.module.buffers(), module.buffers()):
-            e.copy_(b)
+from training.ema import EMA
+from training.files import IDENTITY_FIELDS, as_json, atomic_save, data_identity
 
 
 # -- the trainer -------------------------------------------------------------------------------------
@@ -171,30 +148,7 @@ class Trainer:
             self.provenance["data"] = data_identity(data)
         self.provenance = as_json(self.provenance)
         if self._resumed is not None:
-            path, old = self.run_dir / CHECKPOINT, self._resumed.get("provenance")
-            start_over = (f"rerun with --fresh to start this stage over (it deletes {path.name} and the metrics), "
-                          f"or use another --root")
-            if old is None and not getattr(self.cfg, "resume_unverified", False):
-                raise StaleRunError(f"cannot resume {path}: it records no provenance (written before DiGIT Studio "
-                                    f"recorded what a checkpoint was trained on), so it cannot be checked against "
-                                    f"this run's data and inputs; {start_over}, or pass --resume_unverified if you "
-                                    "know it was trained on exactly this run's data and inputs")
-            if old is None:
-                self.info(f"resuming {path} without a provenance record (--resume_unverified); from now on it "
-                          "records this run's")
-            else:
-                changed = differences({k: old.get(k) for k in self.provenance}, self.provenance)
-                if changed:
-                    was = (self._resumed.get("config") or {}).get("data")
-                    note = f" (it was trained with data={was!r}, this run has {self.cfg.data!r})" if was != self.cfg.data else ""
-                    raise StaleRunError(f"cannot resume {path}: it was made from other data, inputs or settings than "
-                                        f"this run{note}: {'; '.join(changed)}. To train on what this run names, "
-                                        f"{start_over}")
-            before = {k: v for k, v in (self._resumed.get("config") or {}).items()
-                      if v != as_json(dataclasses.asdict(self.cfg)).get(k)}
-            if before:
-                self.info("resuming with changed settings: " + ", ".join(
-                    f"{k} {v!r} -> {getattr(self.cfg, k)!r}" for k, v in before.items() if hasattr(self.cfg, k)))
+            check_resumed(self.run_dir / CHECKPOINT, self._resumed, self.provenance, self.cfg, self.info)
         self._write_config()
         self._verified = True
 
@@ -308,31 +262,10 @@ class Trainer:
     # -- checkpoints ------------------------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
         """Modules, EMAs, optimisers, step and every rank's RNG states, in one atomic file."""
-        rngs = all_gather(_rng_state())
-        if not self.d.main:
-            return
-        tensors: dict[str, torch.Tensor] = {}
-        meta: dict[str, Any] = {"step": self.step, "optims": {}, "rng": [], "provenance": self.provenance,
-                                "config": dataclasses.asdict(self.cfg)}
-        for name, m in self.modules.items():
-            tensors |= {f"model.{name}.{k}": v for k, v in m.state_dict().items()}
-        for name, e in self.emas.items():
-            tensors |= {f"ema.{name}.{k}": v for k, v in e.module.state_dict().items()}
-        for name, opt in self.optims.items():
-            sd = opt.state_dict()
-            meta["optims"][name] = {"param_groups": sd["param_groups"], "state": {}}
-            for pid, st in sd["state"].items():
-                for k, v in st.items():
-                    if torch.is_tensor(v):
-                        tensors[f"optim.{name}.{pid}.{k}"] = v
-                    else:
-                        meta["optims"][name]["state"].setdefault(str(pid), {})[k] = v
-        for r, (torch_state, cuda_state, rest) in enumerate(rngs):
-            tensors[f"rng.{r}.torch"] = torch_state
-            if cuda_state is not None:
-                tensors[f"rng.{r}.cuda"] = cuda_state
-            meta["rng"].append(rest)
-        atomic_save(tensors, self.run_dir / CHECKPOINT, meta)
+        rngs = all_gather(rng_state())
+        if self.d.main:
+            write_checkpoint(self.run_dir / CHECKPOINT, self.step, self.modules, self.emas, self.optims, rngs,
+                             self.provenance, dataclasses.asdict(self.cfg))
 
     def resume(self) -> bool:
         """Load ``<run>/checkpoint.safetensors`` when there is one; returns whether it did. With
@@ -349,27 +282,12 @@ class Trainer:
             return False
         if not path.exists():
             return False
-        tensors, meta = load_tensors(path)
+        tensors, meta = read_checkpoint(path, self.modules, self.emas, self.optims)
         self._resumed = meta
-        for name, m in self.modules.items():
-            m.load_state_dict(_sub(tensors, f"model.{name}."))
-        for name, e in self.emas.items():
-            e.module.load_state_dict(_sub(tensors, f"ema.{name}."))
-        for name, opt in self.optims.items():
-            om = meta["optims"][name]
-            state: dict[int, dict[str, Any]] = {}
-            for k, v in tensors.items():
-                if k.startswith(f"optim.{name}."):
-                    pid, key = k[len(f"optim.{name}."):].split(".", 1)
-                    state.setdefault(int(pid), {})[key] = v
-            for pid, st in om["state"].items():
-                state.setdefault(int(pid), {}).update(st)
-            opt.load_state_dict({"state": state, "param_groups": om["param_groups"]})
         if len(meta["rng"]) != self.d.world:
             self.info(f"checkpoint has {len(meta['rng'])} ranks' RNG states, this run {self.d.world}: reseeding")
         else:
-            r = self.d.rank
-            _set_rng_state(tensors[f"rng.{r}.torch"], tensors.get(f"rng.{r}.cuda"), meta["rng"][r])
+            restore_rng(tensors, meta, self.d.rank)
         self.step = meta["step"]
         self.info(f"resumed from {path} at step {self.step}")
         return True
@@ -410,26 +328,6 @@ class Trainer:
         self.info(f"all {self.d.world} replicas hold identical weights")
 
 
-def _sub(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-
 def _plain(v: Any) -> Any:
     return float(v) if torch.is_tensor(v) or isinstance(v, np.floating) else v
 
-
-def _rng_state() -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]:
-    np_state = np.random.get_state()
-    rest = {"python": random.getstate(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
-    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
-    return torch.get_rng_state(), cuda, rest
-
-
-def _set_rng_state(torch_state: torch.Tensor, cuda_state: torch.Tensor | None, rest: dict[str, Any]) -> None:
-    torch.set_rng_state(torch_state)
-    if cuda_state is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(cuda_state)
-    v, state, gauss = rest["python"]
-    random.setstate((v, tuple(state), gauss))
-    name, keys, pos, has_gauss, cached = rest["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
