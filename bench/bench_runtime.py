@@ -27,7 +27,8 @@ from digit_core.presets import fmnist_small
 from digit_core.export import export_bundle
 from digit_core.flows import Flows
 from digit_core.pipeline import DiGIT
-from digit_core.runtime import load_bundle, past_names
+from digit_core.contract import past_names
+from digit_core.runtime import load_bundle
 
 REPEATS = 3
 

@@ -20,16 +20,18 @@ def tracing() -> bool:
     return torch.jit.is_tracing() or torch.compiler.is_compiling()
 
 
+def sq_distances(x: torch.Tensor, codes: torch.Tensor, codes_sq: torch.Tensor | None = None) -> torch.Tensor:
+    """Squared distances ``[M, K]`` of each row of ``x [M, d]`` to each row of ``codes [K, d]``:
+    one matmul, ``||x||^2 - 2 x.C + ||C||^2``."""
+    sq = codes.pow(2).sum(1) if codes_sq is None else codes_sq
+    return x.pow(2).sum(1, keepdim=True) - 2 * x @ codes.t() + sq
+
+
 def nearest(x: torch.Tensor, codes: torch.Tensor, codes_sq: torch.Tensor | None = None
             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest row of ``codes [K, d]`` for each row of ``x [M, d]``: ``(ids [M], squared distance [M])``.
-
-    One matmul, ``||x||^2 - 2 x.C + ||C||^2``; ties go to the lowest index. Shared by the
-    K-Means tokenizer and the VQGAN quantizer.
-    """
-    sq = codes.pow(2).sum(1) if codes_sq is None else codes_sq
-    d = x.pow(2).sum(1, keepdim=True) - 2 * x @ codes.t() + sq
-    dist, ids = d.min(1)
+    """Nearest row of ``codes [K, d]`` for each row of ``x [M, d]``: ``(ids [M], squared distance [M])``;
+    ties go to the lowest index. Shared by the K-Means tokenizer and the VQGAN quantizer."""
+    dist, ids = sq_distances(x, codes, codes_sq).min(1)
     return ids, dist.clamp_min(0.0)  # rounding can push exact matches below zero
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -188,25 +190,45 @@ class SamplingConfig:
     stage2_top_p: float | None = 0.8
 
 
+TOKENS = ("disc", "vq")
+
+
 @dataclass
 class DiGITConfig:
-    """A whole DiGIT model: tokenizer (encoder + codebook), both stages and the VQGAN."""
+    """A whole DiGIT model: tokenizer (encoder + codebook), both stages and the VQGAN.
+
+    ``tokens="vq"`` is the paper's baseline instead (Table 3a): one GPT over the VQGAN's own ids,
+    whose codes the VQ decoder renders directly. It has no discriminative tokenizer and no stage
+    2 (``encoder``, ``codebook`` and ``stage2`` are None); its stage-1 grid is the VQ grid.
+    """
 
     name: str = "digit"
     image_size: int = 32
     channels: int = 3              # 1 for grey data (returned as 3 equal channels)
-    encoder: EncoderConfig = field(default_factory=EncoderConfig)
-    codebook: CodebookConfig = field(default_factory=CodebookConfig)
+    tokens: str = "disc"           # what stage 1 generates: "disc" (DiGIT) or "vq" (VQ-AR baseline)
+    encoder: EncoderConfig | None = field(default_factory=EncoderConfig)
+    codebook: CodebookConfig | None = field(default_factory=CodebookConfig)
     vqgan: VQGANConfig = field(default_factory=VQGANConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
-    stage2: Stage2Config = field(default_factory=Stage2Config)
+    stage2: Stage2Config | None = field(default_factory=Stage2Config)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     class_names: list[str] = field(default_factory=list)
 
     # -- derived sizes ---------------------------------------------------------------------
     @property
+    def is_vq(self) -> bool:
+        """A VQ-token model (the baseline): stage 1 generates VQ ids, there is no stage 2."""
+        return self.tokens == "vq"
+
+    @property
     def disc_grid(self) -> int:
-        return self.encoder.grid
+        """Side of the stage-1 token grid: the encoder's (the VQGAN's for a VQ-token model)."""
+        return self.vqgan.grid if self.is_vq else self.encoder.grid
+
+    @property
+    def stage1_vocab(self) -> int:
+        """How many codes stage 1 draws from: K-Means clusters, or VQ codes for a VQ-token model."""
+        return self.stage1.gpt.num_out
 
     @property
     def vq_grid(self) -> int:
@@ -219,17 +241,57 @@ class DiGITConfig:
 
     @property
     def stage2_positions(self) -> int:
-        """Positions one stage-2 generation fills (N discriminative tokens, the separator, M - 1 VQ
+        """Positions one stage-2 generation of a DiGIT model fills (N discriminative tokens, the separator, M - 1 VQ
         codes): its KV cache length. The official models' position tables are longer (1024 + the
         prefix); a cache of the whole table would make every decoding step read 2.5-4x more."""
         return self.disc_grid ** 2 + self.vq_grid ** 2
 
     def validate(self) -> "DiGITConfig":
         """Raise ConfigError naming the first inconsistency between the parts."""
-        e, cb, vq, s1, s2 = self.encoder, self.codebook, self.vqgan, self.stage1, self.stage2
-        checks = [
-            (e.image_size == self.image_size, f"encoder.image_size {e.image_size} != image_size {self.image_size}"),
+        if self.tokens not in TOKENS:
+            raise ConfigError(f"{self.name}: tokens must be one of {TOKENS}, got {self.tokens!r}")
+        parts = {"encoder": self.encoder, "codebook": self.codebook, "stage2": self.stage2}
+        if self.is_vq:
+            extra = [k for k, v in parts.items() if v is not None]
+            if extra:
+                raise ConfigError(f"{self.name}: a VQ-token model (tokens='vq') has no {', '.join(extra)}: set them to null")
+        elif None in parts.values():
+            raise ConfigError(f"{self.name}: a DiGIT model needs {', '.join(k for k, v in parts.items() if v is None)}")
+        checks = self._vq_checks() if self.is_vq else self._disc_checks()
+        for g in (self.stage1.gpt,) + (() if self.is_vq else (self.stage2.gpt,)):
+            checks.append((g.d_model % g.n_head == 0, f"gpt d_model {g.d_model} not divisible by n_head {g.n_head}"))
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(f"{self.name}: {msg}")
+        return self
+
+    def _common_checks(self, vocab: int, source: str) -> list[tuple[bool, str]]:
+        """Checks of the VQGAN and of stage 1 over ``vocab`` codes (``source`` says whose), shared by both kinds."""
+        vq, s1 = self.vqgan, self.stage1
+        return [
             (vq.resolution == self.image_size, f"vqgan.resolution {vq.resolution} != image_size {self.image_size}"),
+            (self.channels in (1, 3), f"channels must be 1 or 3, got {self.channels}"),
+            (vq.resolution % 2 ** (len(vq.ch_mult) - 1) == 0, "vqgan.resolution is not divisible by its downsampling"),
+            (s1.gpt.num_out == vocab, f"stage1.gpt.num_out {s1.gpt.num_out} != {source} {vocab}"),
+            (s1.gpt.max_len >= self.disc_grid ** 2, f"stage1.gpt.max_len {s1.gpt.max_len} < {self.disc_grid ** 2} tokens"),
+            (s1.gpt.prefix_len == 0, "stage1 takes no prefix"),
+            (s1.code_offset + vocab <= s1.gpt.vocab_size, "stage1 codes exceed its vocabulary"),
+            (s1.gpt.out_offset + s1.gpt.num_out <= s1.gpt.out_vocab, "stage1 output slice exceeds out_vocab"),
+            (s1.num_classes == 0 or s1.class_offset + s1.num_classes <= s1.gpt.vocab_size,
+             "stage1 class tokens exceed its vocabulary"),
+            (s1.null_class_id is None or s1.null_class_id < s1.gpt.vocab_size, "stage1 null class id outside its vocabulary"),
+            (0 <= s1.bos_id < s1.gpt.vocab_size, "stage1 bos id outside its vocabulary"),
+            (not self.class_names or len(self.class_names) == s1.num_classes,
+             f"{len(self.class_names)} class names for {s1.num_classes} classes"),
+        ]
+
+    def _vq_checks(self) -> list[tuple[bool, str]]:
+        return self._common_checks(self.vqgan.n_embed, "vqgan.n_embed")
+
+    def _disc_checks(self) -> list[tuple[bool, str]]:
+        e, cb, vq, s2 = self.encoder, self.codebook, self.vqgan, self.stage2
+        return self._common_checks(cb.size, "codebook.size") + [
+            (e.image_size == self.image_size, f"encoder.image_size {e.image_size} != image_size {self.image_size}"),
             (e.model_size % e.patch_size == 0, f"encoder.model_size {e.model_size} is not a multiple of patch_size {e.patch_size}"),
             (e.stem in ("patch", "conv"), f"encoder.stem must be 'patch' or 'conv', got {e.stem!r}"),
             (e.stem == "patch" or (e.patch_size & (e.patch_size - 1) == 0 and e.patch_size >= 2),
@@ -242,20 +304,6 @@ class DiGITConfig:
              f"encoder.kind='cnn' needs as many cnn_channels as cnn_strides (each 1 or 2), strides multiplying to "
              f"patch_size {e.patch_size} and cnn_channels[-1] == width {e.width}; got {e.cnn_channels} / {e.cnn_strides}"),
             (cb.dim == e.width, f"codebook.dim {cb.dim} != encoder.width {e.width}"),
-            (self.channels in (1, 3), f"channels must be 1 or 3, got {self.channels}"),
-            (vq.resolution % 2 ** (len(vq.ch_mult) - 1) == 0, "vqgan.resolution is not divisible by its downsampling"),
-            # stage 1
-            (s1.gpt.num_out == cb.size, f"stage1.gpt.num_out {s1.gpt.num_out} != codebook.size {cb.size}"),
-            (s1.gpt.max_len >= self.disc_grid ** 2, f"stage1.gpt.max_len {s1.gpt.max_len} < {self.disc_grid ** 2} tokens"),
-            (s1.gpt.prefix_len == 0, "stage1 takes no prefix"),
-            (s1.code_offset + cb.size <= s1.gpt.vocab_size, "stage1 codes exceed its vocabulary"),
-            (s1.gpt.out_offset + s1.gpt.num_out <= s1.gpt.out_vocab, "stage1 output slice exceeds out_vocab"),
-            (s1.num_classes == 0 or s1.class_offset + s1.num_classes <= s1.gpt.vocab_size,
-             "stage1 class tokens exceed its vocabulary"),
-            (s1.null_class_id is None or s1.null_class_id < s1.gpt.vocab_size, "stage1 null class id outside its vocabulary"),
-            (0 <= s1.bos_id < s1.gpt.vocab_size, "stage1 bos id outside its vocabulary"),
-            (not self.class_names or len(self.class_names) == s1.num_classes,
-             f"{len(self.class_names)} class names for {s1.num_classes} classes"),
             # stage 2
             (s2.gpt.prefix_len == self.disc_grid ** 2, f"stage2.gpt.prefix_len {s2.gpt.prefix_len} != {self.disc_grid ** 2}"),
             (s2.gpt.max_len >= self.vq_grid ** 2, f"stage2.gpt.max_len {s2.gpt.max_len} < {self.vq_grid ** 2} tokens"),
@@ -264,12 +312,6 @@ class DiGITConfig:
             (s2.disc_offset + cb.size <= s2.gpt.vocab_size, "stage2 discriminative codes exceed its vocabulary"),
             (0 <= s2.sep_id < s2.gpt.vocab_size, "stage2 separator id outside its vocabulary"),
         ]
-        for g in (s1.gpt, s2.gpt):
-            checks.append((g.d_model % g.n_head == 0, f"gpt d_model {g.d_model} not divisible by n_head {g.n_head}"))
-        for ok, msg in checks:
-            if not ok:
-                raise ConfigError(f"{self.name}: {msg}")
-        return self
 
     # -- serialisation ---------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -292,33 +334,35 @@ class DiGITConfig:
 
 
 def _from_dict(cls: type, d: Any) -> Any:
-    """Build a (nested) dataclass from a dict, rejecting unknown keys by name."""
+    """Build a (nested) dataclass from a dict, rejecting unknown keys by name; which fields are
+    nested dataclasses (or tuples) is read from the type hints, so new sections need no table."""
     if not isinstance(d, dict):
         raise ConfigError(f"{cls.__name__}: expected an object, got {type(d).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - set(fields))
     if unknown:
         raise ConfigError(f"{cls.__name__}: unknown keys {unknown}")
+    hints = typing.get_type_hints(cls)
     kwargs = {}
-    hints = {f.name: f.type for f in dataclasses.fields(cls)}
     for k, v in d.items():
-        sub = _NESTED.get((cls.__name__, k))
-        if sub is not None:
+        sub = _dataclass_in(hints[k])
+        if sub is not None and v is not None:
             kwargs[k] = _from_dict(sub, v)
-        elif isinstance(v, list) and "tuple" in str(hints[k]):
+        elif isinstance(v, list) and _is_tuple(hints[k]):
             kwargs[k] = tuple(v)
         else:
             kwargs[k] = v
     return cls(**kwargs)
 
 
-_NESTED: dict[tuple[str, str], type] = {
-    ("DiGITConfig", "encoder"): EncoderConfig,
-    ("DiGITConfig", "codebook"): CodebookConfig,
-    ("DiGITConfig", "vqgan"): VQGANConfig,
-    ("DiGITConfig", "stage1"): Stage1Config,
-    ("DiGITConfig", "stage2"): Stage2Config,
-    ("DiGITConfig", "sampling"): SamplingConfig,
-    ("Stage1Config", "gpt"): GPTConfig,
-    ("Stage2Config", "gpt"): GPTConfig,
-}
+def _members(hint: Any) -> tuple[Any, ...]:
+    """``X | None`` -> (X, NoneType); any other hint -> (hint,)."""
+    return typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+
+
+def _dataclass_in(hint: Any) -> type | None:
+    return next((h for h in _members(hint) if dataclasses.is_dataclass(h)), None)
+
+
+def _is_tuple(hint: Any) -> bool:
+    return any(h is tuple or typing.get_origin(h) is tuple for h in _members(hint))

@@ -1,4 +1,7 @@
-"""PyTorch -> ONNX: a bundle of five graphs + manifest that ``digit_core.runtime`` runs without torch.
+"""PyTorch -> ONNX: a bundle of graphs + manifest that ``digit_core.runtime`` runs without torch.
+
+The graphs and their interfaces are the bundle contract's (``digit_core.contract``); a DiGIT
+model has five, a VQ-token model (the VQ-AR baseline) only vq_encoder, vq_decoder and stage1:
 
     tokenizer.onnx   uint8 images [N, H, W, 3] -> ids [N, n, n], sq. distances [N, n, n], features [N, n, n, d]
     vq_encoder.onnx  uint8 images [N, H, W, 3] -> VQ ids [N, m, m], latents [N, m, m, d] (before quantization)
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -47,12 +51,13 @@ import onnx
 import torch
 import torch.nn as nn
 
+from .codebook import sq_distances
+from .contract import MAX_IR_VERSION, graph_specs, manifest, past_names, read_manifest, sha256
 from .gpt import GPT
+from .onnx_refs import external_data_locations
 from .pipeline import DiGIT
-from .runtime import FORMAT, MAX_IR_VERSION, SUPPORTED_FORMAT_VERSIONS, past_names, sha256
-from .weights import quantize_int8, round_weights_to_half, store_half
+from .weights import half_safetensors, link_external, quantize_int8, round_weights_to_half, store_half
 
-FORMAT_VERSION = SUPPORTED_FORMAT_VERSIONS[-1]
 RTOL = 1e-4           # max |ort - torch| / max |torch| tolerated at export
 # int8 weights + uint8 activations: ~1% of max |logit| on the test models; a wrong scale or
 # a saturating kernel gives tens of percent
@@ -84,7 +89,8 @@ def git_commit() -> str:
 
 # -- the graphs ----------------------------------------------------------------------------------
 def _graph_specs(model: DiGIT) -> dict[str, dict[str, Any]]:
-    """Per graph: module, example inputs (at batch ``b``), I/O names and dynamic axes."""
+    """Per graph of the bundle contract (``contract.graph_specs``): the module to trace, example
+    inputs (at batch ``b``), and the contract's I/O names and dynamic axes."""
     c = model.config
     s, m = c.image_size, c.vq_grid
 
@@ -102,27 +108,21 @@ def _graph_specs(model: DiGIT) -> dict[str, dict[str, Any]]:
                     *(cache[i, j] for i in range(gpt.cfg.n_layer) for j in (0, 1)))
         return inputs
 
-    def step_io(gpt: GPT) -> dict[str, Any]:
-        past = past_names(gpt.cfg.n_layer)
-        return dict(inputs=["tokens", "start", *past], outputs=["logits", "kv"],
-                    axes={"tokens": {0: "B", 1: "S"}, "logits": {0: "B"}, "kv": {2: "B", 4: "S"}, **{k: {0: "B"} for k in past}})
-
-    batch = {0: "N"}
-    return {
-        "tokenizer": dict(module=model.disc_tokenizer, make=images, inputs=["images"], outputs=["ids", "dists", "features"],
-                          axes={k: batch for k in ("images", "ids", "dists", "features")}),
-        "vq_encoder": dict(module=model.vq_encoder, make=images, inputs=["images"], outputs=["ids", "latents"],
-                           axes={"images": batch, "ids": batch, "latents": batch}),
-        "vq_decoder": dict(module=model.vq_decoder, make=vq_ids, inputs=["ids"], outputs=["images"],
-                           axes={"ids": batch, "images": batch}),
-        "stage1": dict(module=GPTStep(model.stage1), make=stage(model.stage1, c.stage1_positions), **step_io(model.stage1)),
-        "stage2": dict(module=GPTStep(model.stage2), make=stage(model.stage2, c.stage2_positions), **step_io(model.stage2)),
-    }
+    traced = {"vq_encoder": (model.vq_encoder, images), "vq_decoder": (model.vq_decoder, vq_ids),
+              "stage1": (GPTStep(model.stage1), stage(model.stage1, c.stage1_positions))}
+    if not c.is_vq:
+        traced |= {"tokenizer": (model.disc_tokenizer, images),
+                   "stage2": (GPTStep(model.stage2), stage(model.stage2, c.stage2_positions))}
+    return {name: dict(module=traced[name][0], make=traced[name][1], inputs=list(spec.inputs),
+                       outputs=list(spec.outputs), axes=spec.dynamic_axes)
+            for name, spec in graph_specs(c).items()}
 
 
-def _export_graph(spec: dict[str, Any], path: Path, opset: int, half: bool = False, int8: bool = False) -> int:
+def _export_graph(spec: dict[str, Any], path: Path, opset: int, half: bool = False, int8: bool = False,
+                  link: tuple[bytes, str, str] | None = None) -> int:
     """Trace one module to ``path``, with the IR version onnxruntime reads; returns the number
-    of int8-quantized nodes."""
+    of int8-quantized nodes. ``link = (safetensors bytes, file name, name prefix)``: write that
+    file beside the graph and keep the float16 weights it holds there only (``link_external``)."""
     example = spec["make"](TRACE_BATCH, torch.Generator().manual_seed(0))
     with torch.no_grad(), warnings.catch_warnings():
         outputs = spec["module"](*example)
@@ -155,6 +155,10 @@ def _export_graph(spec: dict[str, Any], path: Path, opset: int, half: bool = Fal
     for f in path.parent.iterdir():   # a graph over 2 GB came with one file per tensor: keep one .data file
         if f != path:
             f.unlink()
+    if link is not None:
+        blob, location, prefix = link
+        if link_external(proto, blob, location, prefix):
+            (path.parent / location).write_bytes(blob)
     big = sum(t.ByteSize() for t in proto.graph.initializer) > 1_800_000_000
     onnx.save_model(proto, str(path), save_as_external_data=big, location=path.name + ".data" if big else None)
     return quantized
@@ -186,8 +190,7 @@ def _check_graph(name: str, spec: dict[str, Any], path: Path, model: DiGIT, rtol
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     g = torch.Generator().manual_seed(1)
     inputs = spec["make"](CHECK_BATCH, g)
-    feeds = {k: v.numpy() for k, v in zip(spec["inputs"], inputs)}
-    out = sess.run(None, feeds)
+    out = sess.run(None, {k: v.numpy() for k, v in zip(spec["inputs"], inputs)})
 
     def close(what: str, a: np.ndarray, b: np.ndarray) -> None:
         if a.shape != b.shape:
@@ -197,51 +200,77 @@ def _check_graph(name: str, spec: dict[str, Any], path: Path, model: DiGIT, rtol
             raise RuntimeError(f"{name}.onnx: {what} differs from PyTorch by relative error {err:.2e} > {rtol:g}")
 
     with torch.no_grad():
-        if name == "tokenizer":
-            ids, dists, feats = model.disc_tokenizer(inputs[0])
-            close("features", out[2], feats.numpy())
-            close("distances", out[1], dists.numpy())
-            f = feats.reshape(-1, feats.shape[-1])
-            full = (f.pow(2).sum(1, keepdim=True) - 2 * f @ model.codebook.centroids.t() + model.codebook.centroid_sq)
-            _check_nearest(name, out[0], ids.numpy(), full.numpy(), rtol)
-        elif name == "vq_encoder":
-            ids, z = model.vq_encoder(inputs[0])
-            close("latents", out[1], z.numpy())
-            z = z.reshape(-1, z.shape[-1])
-            e = model.vqgan.quantize.embedding.weight
-            full = z.pow(2).sum(1, keepdim=True) - 2 * z @ e.t() + e.pow(2).sum(1)
-            _check_nearest(name, out[0], ids.numpy(), full.numpy())
-        elif name == "vq_decoder":
-            ref = model.vq_decoder(inputs[0]).numpy()
-            if out[0].shape != ref.shape or np.abs(out[0].astype(int) - ref).max() > 1:
-                raise RuntimeError(f"{name}.onnx: images differ from PyTorch by more than one level")
-        else:   # a prefill chunk, then one decode step over a cache holding the graph's own keys/values
-            gpt: GPT = spec["module"].gpt
-            tokens, S, T = inputs[0], inputs[0].shape[1], inputs[2].shape[2]
-            cache = gpt.new_cache(CHECK_BATCH, T)   # PyTorch's in-place cached forward fills it
-            close("prefill logits", out[0], gpt(tokens, 0, cache)[:, -1].numpy())
-            close("prefill keys/values", out[1], cache[:, :, :, :, :S].numpy())
-            mine = np.zeros(cache.shape, np.float32)
-            mine[:, :, :, :, :S] = out[1]
-            nxt = torch.randint(0, gpt.cfg.vocab_size, (CHECK_BATCH, 1), generator=g)
-            past = {k: mine[i // 2, i % 2] for i, k in enumerate(past_names(gpt.cfg.n_layer))}
-            out = sess.run(None, {"tokens": nxt.numpy(), "start": np.array(S, np.int64), **past})
-            close("decode logits", out[0], gpt(nxt, S, cache)[:, -1].numpy())
-            close("decode keys/values", out[1], cache[:, :, :, :, S:S + 1].numpy())
+        _CHECKS[name](name, sess, spec, inputs, out, model, close, g, rtol)
+
+
+def _check_tokenizer(name, sess, spec, inputs, out, model: DiGIT, close, g, rtol) -> None:
+    ids, dists, feats = model.disc_tokenizer(inputs[0])
+    close("features", out[2], feats.numpy())
+    close("distances", out[1], dists.numpy())
+    cb = model.codebook
+    _check_nearest(name, out[0], ids.numpy(), _all_dists(feats, cb.centroids, cb.centroid_sq), rtol)
+
+
+def _check_vq_encoder(name, sess, spec, inputs, out, model: DiGIT, close, g, rtol) -> None:
+    ids, z = model.vq_encoder(inputs[0])
+    close("latents", out[1], z.numpy())
+    e = model.vqgan.quantize.embedding.weight
+    _check_nearest(name, out[0], ids.numpy(), _all_dists(z, e))
+
+
+def _check_vq_decoder(name, sess, spec, inputs, out, model: DiGIT, close, g, rtol) -> None:
+    ref = model.vq_decoder(inputs[0]).numpy()
+    if out[0].shape != ref.shape or np.abs(out[0].astype(int) - ref).max() > 1:
+        raise RuntimeError(f"{name}.onnx: images differ from PyTorch by more than one level")
+
+
+def _check_stage(name, sess, spec, inputs, out, model: DiGIT, close, g, rtol) -> None:
+    """A prefill chunk, then one decode step over a cache holding the graph's own keys/values."""
+    gpt: GPT = spec["module"].gpt
+    tokens, S, T = inputs[0], inputs[0].shape[1], inputs[2].shape[2]
+    cache = gpt.new_cache(CHECK_BATCH, T)   # PyTorch's in-place cached forward fills it
+    close("prefill logits", out[0], gpt(tokens, 0, cache)[:, -1].numpy())
+    close("prefill keys/values", out[1], cache[:, :, :, :, :S].numpy())
+    mine = np.zeros(cache.shape, np.float32)
+    mine[:, :, :, :, :S] = out[1]
+    nxt = torch.randint(0, gpt.cfg.vocab_size, (CHECK_BATCH, 1), generator=g)
+    past = {k: mine[i // 2, i % 2] for i, k in enumerate(past_names(gpt.cfg.n_layer))}
+    out = sess.run(None, {"tokens": nxt.numpy(), "start": np.array(S, np.int64), **past})
+    close("decode logits", out[0], gpt(nxt, S, cache)[:, -1].numpy())
+    close("decode keys/values", out[1], cache[:, :, :, :, S:S + 1].numpy())
+
+
+_CHECKS = {"tokenizer": _check_tokenizer, "vq_encoder": _check_vq_encoder, "vq_decoder": _check_vq_decoder,
+           "stage1": _check_stage, "stage2": _check_stage}
+"""Each graph's reference check against the PyTorch module it was traced from."""
+
+
+def _all_dists(x: torch.Tensor, codes: torch.Tensor, codes_sq: torch.Tensor | None = None) -> np.ndarray:
+    """Squared distances ``[rows, K]`` of every vector of ``x [..., d]`` to every code, as ``nearest`` sees them."""
+    return sq_distances(x.reshape(-1, x.shape[-1]), codes, codes_sq).numpy()
 
 
 # -- the bundle ----------------------------------------------------------------------------------
 def export_bundle(model: DiGIT, out_dir: str | Path, *, opset: int = 17, check: bool = True,
-                  weights: str = "float32") -> Path:
+                  weights: str = "float32", share_with: str | Path | None = None) -> Path:
     """Export ``model`` to the bundle directory ``out_dir`` (replaced atomically); returns its path.
 
     Every graph has a dynamic batch axis (and the stage graphs a dynamic sequence axis).
     ``check`` runs each graph in onnxruntime against PyTorch and raises on a mismatch.
-    ``weights``: "float32", "float16" storage or "int8" (see the module docstring).
+    ``weights``: "float32", "float16" storage or "int8" (see the module docstring); with float16
+    or int8 the VQGAN's weights are one file, ``vqgan.safetensors``, that its two graphs read as
+    external data and the training scripts read as a VQGAN (``--vqgan=<bundle>/vqgan.safetensors``).
+    ``share_with``: a sibling bundle (same parent folder); each file identical to one of its
+    files is listed as ``../<sibling>/<file>`` instead of being written again.
     """
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"weights must be one of {', '.join(map(repr, WEIGHT_FORMATS))}, got {weights!r}")
     out = Path(out_dir)
+    sibling = None if share_with is None else Path(share_with)
+    if sibling is not None:
+        if sibling.resolve().parent != out.resolve().parent or sibling.resolve() == out.resolve():
+            raise ValueError(f"share_with {sibling} must be another bundle in the folder of {out} ({out.parent})")
+        read_manifest(sibling)   # a readable bundle, every file the size it lists
     out.parent.mkdir(parents=True, exist_ok=True)
     if model.device.type != "cpu" or model.stage1.head.weight.dtype != torch.float32:
         model = copy.deepcopy(model).cpu().float()   # graphs are float32; leave the caller's model be
@@ -250,15 +279,21 @@ def export_bundle(model: DiGIT, out_dir: str | Path, *, opset: int = 17, check: 
     was_training = model.training
     model.eval()
     try:
-        return _write_bundle(model, out, opset, check, weights)
+        return _write_bundle(model, out, opset, check, weights, sibling)
     finally:
         model.train(was_training)
 
 
-def _write_bundle(model: DiGIT, out: Path, opset: int, check: bool, weights: str) -> Path:
+VQGAN_FILE = "vqgan.safetensors"
+
+
+def _write_bundle(model: DiGIT, out: Path, opset: int, check: bool, weights: str, sibling: Path | None) -> Path:
     cfg = model.config
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     os.chmod(tmp, 0o755)   # mkdtemp makes it private (0700); a bundle is meant to be shared and served
+    link = None
+    if weights != "float32":
+        link = (half_safetensors(model.vqgan, {"vqgan": dataclasses.asdict(cfg.vqgan)}), VQGAN_FILE, "vqgan.")
     try:
         graphs: dict[str, str] = {}
         quantized: dict[str, int] = {}
@@ -267,7 +302,8 @@ def _write_bundle(model: DiGIT, out: Path, opset: int, check: bool, weights: str
             scratch = tmp / f".{name}"   # torch may write external tensors beside the graph
             scratch.mkdir()
             int8 = weights == "int8" and name in INT8_GRAPHS
-            quantized[name] = _export_graph(spec, scratch / f"{name}.onnx", opset, half=weights != "float32", int8=int8)
+            quantized[name] = _export_graph(spec, scratch / f"{name}.onnx", opset, half=weights != "float32", int8=int8,
+                                            link=link if name.startswith("vq_") else None)
             if name.startswith("stage") and int8 and not quantized[name]:
                 raise RuntimeError(f"{name}.onnx: no MatMul found to quantize (did the exporter rename the nodes?)")
             if check:
@@ -278,34 +314,12 @@ def _write_bundle(model: DiGIT, out: Path, opset: int, check: bool, weights: str
             scratch.rmdir()
             graphs[name] = f"{name}.onnx"
         cfg.save(tmp / "config.json")
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "name": cfg.name,
-            "image_size": cfg.image_size,
-            "channels": cfg.channels,
-            "disc_grid": cfg.disc_grid,
-            "vq_grid": cfg.vq_grid,
-            "codebook_size": cfg.codebook.size,
-            "vq_vocab": cfg.vqgan.n_embed,
-            "num_classes": cfg.stage1.num_classes,
-            "special_ids": {"stage1": {"bos": cfg.stage1.bos_id, "null_class": cfg.stage1.null_class_id,
-                                       "class_offset": cfg.stage1.class_offset, "code_offset": cfg.stage1.code_offset},
-                            "stage2": {"sep": cfg.stage2.sep_id, "vq_offset": cfg.stage2.vq_offset,
-                                       "disc_offset": cfg.stage2.disc_offset}},
-            "class_names": list(cfg.class_names),
-            "sampling": cfg.to_dict()["sampling"],
-            "opset": opset,
-            "weights": WEIGHTS_LABEL[weights],
-            "ir_version": ir_version,
-            "producer": {"git_commit": git_commit(), "torch": torch.__version__, "onnx": onnx.__version__},
-            "config": cfg.to_dict(),
-            "graphs": graphs,
-            "files": {f.name: {"sha256": sha256(f), "size": f.stat().st_size} for f in sorted(tmp.iterdir())},
-        }
+        shared = _share(tmp, graphs, sibling) if sibling is not None else {}
+        fields: dict[str, Any] = {"opset": opset, "weights": WEIGHTS_LABEL[weights], "ir_version": ir_version,
+                                  "producer": {"git_commit": git_commit(), "torch": torch.__version__, "onnx": onnx.__version__}}
         if weights == "int8":
-            manifest["quantization"] = _int8_record(quantized)
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+            fields["quantization"] = _int8_record(quantized)
+        (tmp / "manifest.json").write_text(json.dumps(manifest(cfg, tmp, graphs, shared, **fields), indent=2))
         # Swap in: the old bundle moves aside first, so a crash leaves one complete bundle.
         old = out.with_name(f".{out.name}.old")
         if old.exists():
@@ -318,6 +332,26 @@ def _write_bundle(model: DiGIT, out: Path, opset: int, check: bool, weights: str
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _share(tmp: Path, graphs: dict[str, str], sibling: Path) -> dict[str, dict[str, Any]]:
+    """Drop each file of ``tmp`` that ``sibling`` holds byte for byte and return the manifest
+    entries naming the sibling's copy; ``graphs`` is updated to match. A graph is shared only
+    with the external-data files it reads, so a shared graph never reads a file of its own."""
+    theirs = read_manifest(sibling)["files"]
+    same = {f.name for f in tmp.iterdir()
+            if f.name != "config.json" and f.name in theirs and theirs[f.name]["sha256"] == sha256(f)}
+    for file in graphs.values():
+        if file in same and not set(external_data_locations((tmp / file).read_bytes())) <= same:
+            same.discard(file)
+    shared = {}
+    for name in sorted(same):
+        shared[f"../{sibling.name}/{name}"] = {**theirs[name]}
+        (tmp / name).unlink()
+    for g, file in graphs.items():
+        if file in same:
+            graphs[g] = f"../{sibling.name}/{file}"
+    return shared
 
 
 WEIGHTS_LABEL = {"float32": "float32", "float16": "float16 storage, float32 compute",
@@ -341,8 +375,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--weights", choices=WEIGHT_FORMATS, default="float32",
                    help="float16: round the weights and store them in half the bytes (compute stays float32); "
                         "int8: also quantize the transformers' matrix products to int8 (CPU speed, a quarter of the bytes)")
+    p.add_argument("--share-with", default=None,
+                   help="a sibling bundle (e.g. exported/fmnist): files identical to its own are listed, not copied")
     a = p.parse_args(argv)
-    path = export_bundle(DiGIT.load(a.model), a.out, opset=a.opset, check=not a.no_check, weights=a.weights)
+    path = export_bundle(DiGIT.load(a.model), a.out, opset=a.opset, check=not a.no_check, weights=a.weights,
+                         share_with=a.share_with)
     print(f"wrote {path}")
 
 

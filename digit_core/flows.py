@@ -4,6 +4,9 @@
     generate: class -> stage 1 -> discriminative tokens -> stage 2 -> VQ tokens -> VQ decoder
     complete: image -> tokenize -> keep the top rows -> stage 1 continues -> stage 2 -> image
 
+The VQ-AR baseline (``config.tokens == "vq"``) runs the same flows with VQ ids as its stage-1
+tokens: the VQ encoder tokenizes a completion's prefix and stage 2 is skipped.
+
 ``Flows`` holds the logic; a backend supplies five operations on numpy arrays. The PyTorch
 pipeline (``digit_core.pipeline.DiGIT``) and the onnxruntime runtime
 (``digit_core.runtime.Bundle``) are two backends of this one class, so they cannot drift
@@ -57,9 +60,9 @@ class Generation:
     """Everything one generate/complete call produced, for the app to show."""
 
     images: np.ndarray                 # uint8 [N, H, W, 3]
-    disc_tokens: np.ndarray            # int64 [N, n, n] cluster ids
+    disc_tokens: np.ndarray            # int64 [N, n, n] stage-1 tokens: cluster ids (VQ ids for a VQ-token model)
     vq_tokens: np.ndarray              # int64 [N, m, m] VQ code ids
-    disc_probs: np.ndarray             # float32 [N, n, n] probability of each chosen token
+    disc_probs: np.ndarray             # float32 [N, n, n] probability of each chosen stage-1 token
     settings: SamplingSettings         # what was used: the call's values, else the model's defaults
     seed: int
     timings: dict[str, float] = field(default_factory=dict)   # seconds per stage
@@ -112,6 +115,12 @@ class Flows(ABC):
         """A stage-2 step function with a fresh KV cache for ``batch`` rows."""
 
     # -- input checks shared by every backend ---------------------------------------------------
+    def check_disc(self, what: str) -> None:
+        """Raise for a VQ-token model, which has no discriminative tokenizer and no stage 2."""
+        if self.config.is_vq:
+            raise ValueError(f"cannot {what}: {self.config.name} is a VQ-token model (the VQ-AR baseline), with no "
+                             "discriminative tokenizer and no stage 2; its tokens are vq_tokenize's")
+
     def check_images(self, images: np.ndarray) -> np.ndarray:
         """Accept uint8 ``[N, H, W, 3]``, ``[N, H, W, 1]`` or ``[N, H, W]``; return ``[N, H, W, 3]``."""
         s = self.config.image_size
@@ -152,6 +161,7 @@ class Flows(ABC):
     def tokenize(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Discriminative tokens ``[N, n, n]``, squared distances to their centroids ``[N, n, n]``
         and the encoder features ``[N, n, n, d]``."""
+        self.check_disc("tokenize")
         return self.encode_disc(self.check_images(images))
 
     def vq_tokenize(self, images: np.ndarray) -> np.ndarray:
@@ -275,7 +285,8 @@ class Flows(ABC):
         settings = self.sampling_settings(
             no_guidance=no_guidance, temperature=temperature, top_k=top_k, top_p=top_p, cfg=cfg,
             stage2_temperature=stage2_temperature, stage2_top_k=stage2_top_k, stage2_top_p=stage2_top_p)
-        codes = self.encode_disc(images)[0].reshape(N, -1)[:, : keep_rows * grid]
+        encode = self.encode_vq if self.config.is_vq else self.encode_disc   # the stage-1 tokens of the images
+        codes = encode(images)[0].reshape(N, -1)[:, : keep_rows * grid]
         return self._generate(classes, N, codes, seed, settings, on_token)
 
     def _generate(self, classes: np.ndarray | None, B: int, prefix: np.ndarray | None, seed: int,
@@ -286,7 +297,8 @@ class Flows(ABC):
         t0 = time.perf_counter()
         codes, probs = self._stage1(classes, B, Sampler(st.temperature, st.top_k, st.top_p), rngs, cfg, on_token, prefix)
         t1 = time.perf_counter()
-        vq = self._stage2(codes, Sampler(st.stage2_temperature, st.stage2_top_k, st.stage2_top_p), rngs)
+        vq = codes if self.config.is_vq else self._stage2(
+            codes, Sampler(st.stage2_temperature, st.stage2_top_k, st.stage2_top_p), rngs)
         t2 = time.perf_counter()
         n, m = self.config.disc_grid, self.config.vq_grid
         images = self.decode_vq(vq.reshape(B, m, m))

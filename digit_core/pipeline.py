@@ -86,17 +86,22 @@ class VQDecoder(nn.Module):
 
 
 class DiGIT(nn.Module, Flows):
-    """A complete DiGIT model; ``tokenize``, ``sample``, ``generate`` and ``complete`` come from ``Flows``."""
+    """A complete DiGIT model; ``tokenize``, ``sample``, ``generate`` and ``complete`` come from ``Flows``.
+
+    A VQ-token config (``config.tokens == "vq"``, the VQ-AR baseline) builds only stage 1 and
+    the VQGAN: no encoder, codebook or stage 2.
+    """
 
     def __init__(self, config: DiGITConfig) -> None:
         super().__init__()
         self.config = config.validate()
-        self.encoder = Encoder(config.encoder)
-        self.codebook = Codebook(torch.zeros(config.codebook.size, config.codebook.dim))
         self.vqgan = VQGAN(config.vqgan)
         self.stage1 = GPT(config.stage1.gpt)
-        self.stage2 = GPT(config.stage2.gpt)
-        self.disc_tokenizer = DiscTokenizer(self.encoder, self.codebook)
+        if not config.is_vq:
+            self.encoder = Encoder(config.encoder)
+            self.codebook = Codebook(torch.zeros(config.codebook.size, config.codebook.dim))
+            self.stage2 = GPT(config.stage2.gpt)
+            self.disc_tokenizer = DiscTokenizer(self.encoder, self.codebook)
         self.vq_encoder, self.vq_decoder = VQEncoder(self.vqgan), VQDecoder(self.vqgan)
         self.eval()
 
@@ -107,6 +112,7 @@ class DiGIT(nn.Module, Flows):
     # -- backend operations (numpy in, numpy out) ---------------------------------------------------
     @torch.inference_mode()
     def encode_disc(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        self.check_disc("tokenize")
         ids, dist, feats = self.disc_tokenizer(_tensor(images, self.device))
         return ids.cpu().numpy(), dist.float().cpu().numpy(), feats.float().cpu().numpy()
 
@@ -123,6 +129,7 @@ class DiGIT(nn.Module, Flows):
         return _step_fn(self.stage1, batch, self.config.stage1_positions)
 
     def open_stage2(self, batch: int) -> StepFn:
+        self.check_disc("run stage 2")
         return _step_fn(self.stage2, batch, self.config.stage2_positions)
 
     # -- save / load -------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ with: ours (codes from 0, then classes, null class and bos) and the official fai
 (5 specials first), as in docs/official-release.md. Torch-free, like ``config``."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -114,6 +115,17 @@ def fmnist_cnn() -> DiGITConfig:
                               mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     m.codebook.dim = 128
     return m.validate()
+
+
+def vq_baseline(m: DiGITConfig) -> DiGITConfig:
+    """The paper's VQ-AR baseline of a model (Table 3a): its stage 1 over the VQGAN's own ids,
+    rendered by its VQ decoder, with no tokenizer and no stage 2. ``m``'s stage 1 must already
+    draw from the VQGAN's ``n_embed`` codes on the VQ grid (``training.stage1 --tokens=vq``
+    builds it so, with the stage-1 sizes of ``m``)."""
+    if m.stage1.gpt.num_out != m.vqgan.n_embed or m.stage1.gpt.max_len < m.vq_grid ** 2:
+        raise ConfigError(f"{m.name}: stage 1 draws from {m.stage1.gpt.num_out} codes over {m.stage1.gpt.max_len} "
+                          f"positions, not the VQGAN's {m.vqgan.n_embed} codes over {m.vq_grid ** 2}")
+    return dataclasses.replace(m, tokens="vq", encoder=None, codebook=None, stage2=None).validate()
 
 
 FAIRSEQ_SPECIALS = 5  # fairseq dictionary: <s>=0, <pad>=1, </s>=2, <unk>=3, <n>=4

@@ -13,37 +13,23 @@ its own locals, so one Bundle serves concurrent calls from many threads.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
-import re
 import shutil
 import subprocess
 from pathlib import Path, PurePosixPath
-from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ortc
 
-from .config import ConfigError, DiGITConfig, GPTConfig
+from .config import GPTConfig
+from .contract import (BundleError, check_graph_list, graph_specs, past_names, read_config, read_manifest,
+                       read_verified)
 from .flows import Flows, StepFn
 from .onnx_refs import external_data_locations
-from .typecheck import check_dataclass
 
 log = logging.getLogger(__name__)
-
-FORMAT = "digit-bundle"
-SUPPORTED_FORMAT_VERSIONS = (3,)   # 2: vq_encoder also returns its latents; 3: stage graphs take per-layer caches, return kv
-SUPPORTED_OPSETS = range(13, 22)
-MAX_IR_VERSION = 13          # onnxruntime 1.31 reads <= 13 (onnx 1.23 writes 14 unless told)
-GRAPHS = ("tokenizer", "vq_encoder", "vq_decoder", "stage1", "stage2")
-
-
-class BundleError(ValueError):
-    """A bundle that is missing, corrupt, or does not fit this runtime."""
-
 
 def gpu_present() -> bool:
     """An NVIDIA GPU is visible to this process (without importing torch)."""
@@ -67,115 +53,6 @@ def cuda_available() -> bool:
 
 
 _ORT_LOAD_ERRORS = (_ortc.Fail, _ortc.InvalidGraph, _ortc.InvalidProtobuf, _ortc.InvalidArgument, _ortc.NotImplemented)
-MAX_JSON_BYTES = 4 << 20    # manifest.json / config.json: ImageNet's 1,000 class names take ~40 KB
-SHA256 = re.compile(r"[0-9a-f]{64}")
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _inside(root: Path, name: Any, what: str) -> Path:
-    """``root / name`` for a manifest entry that stays in the bundle: relative, no ``..``, and
-    (symlinks resolved) under ``root``; raise BundleError naming the entry otherwise."""
-    if not isinstance(name, str) or not name or "\0" in name:
-        raise BundleError(f"{root / 'manifest.json'}: {what} {name!r:.80} is not a file name")
-    rel = PurePosixPath(name)
-    if rel.is_absolute() or ".." in rel.parts or "\\" in name:
-        raise BundleError(f"{root / 'manifest.json'}: {what} {name!r:.80} leaves the bundle (absolute or '..')")
-    path = root / rel
-    real = path.resolve()
-    if not real.is_relative_to(root.resolve()):
-        raise BundleError(f"{root}: {name} resolves to {real}, outside the bundle (a symlink out of it)")
-    return real
-
-
-def _json(path: Path, raw: bytes) -> Any:
-    """Parse a bundle's JSON file, raising BundleError (naming it) for anything but clean UTF-8 JSON."""
-    try:
-        return json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as err:
-        raise BundleError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    except json.JSONDecodeError as err:
-        raise BundleError(f"{path}: not valid JSON ({err})") from None
-    except RecursionError:
-        raise BundleError(f"{path}: nested too deeply to be a bundle file") from None
-
-
-def _read_small(path: Path) -> bytes:
-    with open(path, "rb") as f:
-        raw = f.read(MAX_JSON_BYTES + 1)
-    if len(raw) > MAX_JSON_BYTES:
-        raise BundleError(f"{path}: larger than {MAX_JSON_BYTES >> 20} MiB; not a bundle file")
-    return raw
-
-
-def read_manifest(path: Path) -> dict[str, Any]:
-    """Parse and check ``manifest.json``: its schema, and that every file it lists stays in the
-    bundle and has the listed size. Raise BundleError naming the problem. The sha256 of each file
-    is checked by ``read_verified`` on the bytes that are then used."""
-    path = Path(path)
-    mpath = path / "manifest.json"
-    if not mpath.is_file():
-        raise BundleError(f"{path}: not a bundle (no manifest.json)")
-    _inside(path, "manifest.json", "manifest")
-    man = _json(mpath, _read_small(mpath))
-    if not isinstance(man, dict) or man.get("format") != FORMAT:
-        raise BundleError(f"{mpath}: not a DiGIT bundle manifest (format {man.get('format') if isinstance(man, dict) else None!r:.80})")
-    if man.get("format_version") not in SUPPORTED_FORMAT_VERSIONS:
-        raise BundleError(f"{mpath}: format_version {man.get('format_version')!r:.80} is not supported by this runtime "
-                          f"(reads {list(SUPPORTED_FORMAT_VERSIONS)}); re-export the bundle or update digit_core")
-    if type(man.get("opset")) is not int or man["opset"] not in SUPPORTED_OPSETS:
-        raise BundleError(f"{mpath}: opset {man.get('opset')!r:.80} outside the supported {SUPPORTED_OPSETS.start}.."
-                          f"{SUPPORTED_OPSETS.stop - 1}")
-    if type(man.get("ir_version")) is not int or man["ir_version"] > MAX_IR_VERSION:
-        raise BundleError(f"{mpath}: ONNX IR version {man.get('ir_version')!r:.80} is newer than onnxruntime reads "
-                          f"(<= {MAX_IR_VERSION})")
-    files, graphs = man.get("files"), man.get("graphs")
-    if not isinstance(files, dict) or not isinstance(graphs, dict):
-        raise BundleError(f"{mpath}: no 'files'/'graphs' tables")
-    missing = [g for g in GRAPHS if not isinstance(graphs.get(g), str) or graphs[g] not in files]
-    if missing or "config.json" not in files:
-        raise BundleError(f"{mpath}: lists no file for {missing or ['config.json']}")
-    for name, meta in files.items():
-        if not (isinstance(meta, dict) and type(meta.get("size")) is int and meta["size"] >= 0
-                and isinstance(meta.get("sha256"), str) and SHA256.fullmatch(meta["sha256"])):
-            raise BundleError(f"{mpath}: entry for {name!r:.80} needs an integer 'size' and a hex 'sha256'")
-        f = _inside(path, name, "file")
-        if not f.is_file():
-            raise BundleError(f"{path}: missing file {name}")
-        if f.stat().st_size != meta["size"]:
-            raise BundleError(f"{path}: file {name} is corrupt (its size differs from manifest.json)")
-    return man
-
-
-def read_verified(path: Path, man: dict[str, Any], name: str) -> bytes:
-    """The bytes of the listed file ``name``, read once and checked against the manifest: what is
-    hashed is what the caller gets (no gap between checking a file and opening it again)."""
-    meta = man["files"][name]
-    with open(_inside(Path(path), name, "file"), "rb") as f:
-        raw = f.read(meta["size"] + 1)
-    if len(raw) != meta["size"] or hashlib.sha256(raw).hexdigest() != meta["sha256"]:
-        raise BundleError(f"{path}: file {name} is corrupt (its size or sha256 differs from manifest.json)")
-    return raw
-
-
-def read_config(path: Path, man: dict[str, Any]) -> DiGITConfig:
-    """The bundle's verified ``config.json`` as a checked DiGITConfig, or BundleError naming it."""
-    cpath = Path(path) / "config.json"
-    if man["files"]["config.json"]["size"] > MAX_JSON_BYTES:   # refused before it is read
-        raise BundleError(f"{cpath}: larger than {MAX_JSON_BYTES >> 20} MiB; not a bundle file")
-    d = _json(cpath, read_verified(path, man, "config.json"))
-    try:
-        cfg = DiGITConfig.from_dict(d)
-        check_dataclass(cfg)
-        return cfg.validate()
-    except (ConfigError, TypeError) as err:
-        raise BundleError(f"{cpath}: {err}") from None
 
 
 def _providers(device: str) -> list[str]:
@@ -201,8 +78,9 @@ class Bundle(Flows):
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         self.config = read_config(self.path, self.manifest)
+        check_graph_list(self.path, self.manifest, self.config)
         providers = _providers(device)
-        self.sessions = {g: self._session(g, threads, providers) for g in GRAPHS}
+        self.sessions = {g: self._session(g, threads, providers) for g in graph_specs(self.config)}
         self.provider = self.sessions["stage1"].get_providers()[0]
         if device == "cuda" and self.provider != "CUDAExecutionProvider":
             raise RuntimeError(f"device='cuda' but onnxruntime created the sessions on {self.provider}")
@@ -247,34 +125,15 @@ class Bundle(Flows):
 
     def _check_graphs(self) -> None:
         """Every graph's static input/output dims equal what the config says; raise naming the graph."""
-        c = self.config
-        s, n, m, d = c.image_size, c.disc_grid, c.vq_grid, c.codebook.dim
-
-        def step_io(g: GPTConfig, length: int) -> tuple[dict[str, list], dict[str, list]]:
-            past = {k: [None, g.n_head, length, g.head_dim] for k in past_names(g.n_layer)}
-            return ({"tokens": [None, None], "start": [], **past},
-                    {"logits": [None, g.out_vocab], "kv": [g.n_layer, 2, None, g.n_head, None, g.head_dim]})
-
-        want = {
-            "tokenizer": ({"images": [None, s, s, 3]}, {"ids": [None, n, n], "dists": [None, n, n], "features": [None, n, n, d]}),
-            "vq_encoder": ({"images": [None, s, s, 3]}, {"ids": [None, m, m], "latents": [None, m, m, c.vqgan.embed_dim]}),
-            "vq_decoder": ({"ids": [None, m, m]}, {"images": [None, s, s, 3]}),
-            "stage1": step_io(c.stage1.gpt, c.stage1_positions),
-            "stage2": step_io(c.stage2.gpt, c.stage2_positions),
-        }
-        for g, (ins, outs) in want.items():
+        for g, spec in graph_specs(self.config).items():
             sess = self.sessions[g]
-            have = {a.name: a.shape for a in sess.get_inputs() + sess.get_outputs()}
-            for name, shape in {**ins, **outs}.items():
-                got = have.get(name)
-                ok = got is not None and len(got) == len(shape) and all(
-                    w is None or h == w or not isinstance(h, int) for h, w in zip(got, shape))
-                if not ok:
-                    raise BundleError(f"{self.path}: graph {g} has {name} of shape {got}, but config.json "
-                                      f"implies {['*' if w is None else w for w in shape]}")
+            bad = spec.mismatch({a.name: a.shape for a in sess.get_inputs() + sess.get_outputs()})
+            if bad:
+                raise BundleError(f"{self.path}: graph {g} has {bad}")
 
     # -- backend operations -----------------------------------------------------------------------
     def encode_disc(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        self.check_disc("tokenize")
         ids, dists, feats = self.sessions["tokenizer"].run(None, {"images": images})
         return ids, dists, feats
 
@@ -289,12 +148,8 @@ class Bundle(Flows):
         return _step_fn(self.sessions["stage1"], self.config.stage1.gpt, batch, self.config.stage1_positions, self.device)
 
     def open_stage2(self, batch: int) -> StepFn:
+        self.check_disc("run stage 2")
         return _step_fn(self.sessions["stage2"], self.config.stage2.gpt, batch, self.config.stage2_positions, self.device)
-
-
-def past_names(n_layer: int) -> list[str]:
-    """The stage graphs' cache inputs, in ``GPT.step``'s order: each layer's keys, then its values."""
-    return [f"past_{kind}_{i}" for i in range(n_layer) for kind in ("key", "value")]
 
 
 def _step_fn(sess: ort.InferenceSession, g: GPTConfig, batch: int, length: int, device: str) -> StepFn:

@@ -1,8 +1,10 @@
 """Weight formats of a bundle's graphs: float16 rounding and storage (compute stays float32), and
-int8 dynamic quantization of the transformer matrix products (``digit_core.export --weights``)."""
+int8 dynamic quantization of the transformer matrix products (``digit_core.export --weights``);
+and one weights file that both a graph (as ONNX external data) and the training scripts read."""
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +21,38 @@ def round_weights_to_half(model: DiGIT) -> DiGIT:
         for t in list(model.parameters()) + list(model.buffers()):
             if t.is_floating_point():
                 t.copy_(t.half().float())
-        model.codebook.set_centroids(model.codebook.centroids)   # centroid_sq from the rounded centroids
+        if not model.config.is_vq:
+            model.codebook.set_centroids(model.codebook.centroids)   # centroid_sq from the rounded centroids
     return model
+
+
+def half_safetensors(module: torch.nn.Module, meta: dict) -> bytes:
+    """``module``'s state dict as float16 safetensors bytes (what ``training.files.load_tensors`` reads)."""
+    from safetensors.torch import save
+    return save({k: v.detach().half().contiguous() for k, v in module.state_dict().items()}, {"json": json.dumps(meta)})
+
+
+def link_external(proto: onnx.ModelProto, blob: bytes, location: str, prefix: str) -> int:
+    """Point each float16 initializer of ``proto`` named ``<prefix><key>.fp16`` whose bytes equal
+    tensor ``key`` of the safetensors ``blob`` at that tensor inside the file ``location`` (ONNX
+    external data: file, offset, length), so the graph stores no copy of it. Initializers the
+    exporter renamed or reshaped (GroupNorm's) stay in the graph. Returns the bytes linked."""
+    from onnx.external_data_helper import set_external_data
+    n = int.from_bytes(blob[:8], "little")
+    header, start = json.loads(blob[8:8 + n]), 8 + n
+    linked = 0
+    for init in proto.graph.initializer:
+        key = init.name.removesuffix(".fp16").removeprefix(prefix)
+        meta = header.get(key) if init.name.startswith(prefix) and init.name.endswith(".fp16") else None
+        if meta is None or meta["dtype"] != "F16" or list(init.dims) != meta["shape"]:
+            continue
+        begin, end = meta["data_offsets"]
+        if init.raw_data != blob[start + begin:start + end]:
+            raise RuntimeError(f"initializer {init.name} differs from {key} in {location}")
+        set_external_data(init, location, offset=start + begin, length=end - begin)
+        init.ClearField("raw_data")
+        linked += end - begin
+    return linked
 
 
 def store_half(proto: onnx.ModelProto, min_size: int = 1024) -> int:

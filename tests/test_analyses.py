@@ -83,15 +83,18 @@ def test_tokens_option_is_checked_and_gets_its_own_run_dir() -> None:
 
 
 def test_vq_stage1_trains_on_vq_ids_and_samples_decode(root: Path) -> None:
-    from training.analyses.vq_ar import VQAutoregressive
+    from training.assemble import vq_model
     tensors, meta = load_tensors(root / "stage1_vq/stage1.safetensors")
-    assert meta["tokens"] == "vq" and meta["model"]["codebook"]["size"] == tiny().vqgan.n_embed == 32
+    assert meta["tokens"] == "vq" and meta["model"]["tokens"] == "vq" and meta["model"]["encoder"] is None
+    assert meta["model"]["stage1"]["gpt"]["num_out"] == tiny().vqgan.n_embed == 32
     cache = load_tensors(root / "stage1_vq/tokens.safetensors")[0]
     assert cache["vq"].shape == (120, 16) and 0 <= cache["vq"].min() and cache["vq"].max() < 32   # 60 images + mirrors
-    vq = VQAutoregressive.load(root / "stage1_vq/stage1.safetensors", root / "vqgan/vqgan.safetensors")
+    vq = vq_model(root / "stage1_vq/stage1.safetensors", root / "vqgan/vqgan.safetensors")
     # the cached tokens are what the model's tokenizer gives (the VQGAN encoder)
     img = np.asarray(Image.open(root / "images/class0/0.png").convert("RGB"))
-    assert np.array_equal(vq.tokenize(img[None])[0].ravel(), cache["vq"][0].long().numpy())
+    assert np.array_equal(vq.vq_tokenize(img[None])[0].ravel(), cache["vq"][0].long().numpy())
+    with pytest.raises(ValueError, match="VQ-token model"):
+        vq.tokenize(img[None])
     g = vq.generate([0, 1, 2], seed=0, cfg=1.5)
     assert g.images.shape == (3, 16, 16, 3) and g.images.dtype == np.uint8
     assert np.array_equal(g.vq_tokens, g.disc_tokens)                   # no stage 2: the codes are VQ ids
@@ -101,13 +104,14 @@ def test_vq_stage1_trains_on_vq_ids_and_samples_decode(root: Path) -> None:
 
 
 def test_vq_model_refuses_a_disc_stage1(root: Path, tmp_path: Path) -> None:
-    from training.analyses.vq_ar import VQAutoregressive
+    from digit_core.presets import vq_baseline
+    from training.assemble import vq_model
     model = DiGIT.load(root / "model")
     atomic_save(model.stage1.state_dict(), tmp_path / "s1.safetensors", {"model": model.config.to_dict(), "tokens": "disc"})
     with pytest.raises(ValueError, match="not VQ ids"):
-        VQAutoregressive.load(tmp_path / "s1.safetensors", root / "vqgan/vqgan.safetensors")
-    with pytest.raises(ConfigError, match="not a VQ-token model"):
-        VQAutoregressive(model.config)
+        vq_model(tmp_path / "s1.safetensors", root / "vqgan/vqgan.safetensors")
+    with pytest.raises(ConfigError, match="not the VQGAN's 32 codes"):
+        vq_baseline(model.config)
 
 
 # -- pieces ----------------------------------------------------------------------------------------------------

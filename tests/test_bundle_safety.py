@@ -14,7 +14,8 @@ from digit_core.presets import tiny
 from digit_core.export import export_bundle
 from digit_core.pipeline import DiGIT
 from digit_core import runtime
-from digit_core.runtime import MAX_JSON_BYTES, BundleError, load_bundle
+from digit_core.contract import MAX_JSON_BYTES, BundleError
+from digit_core.runtime import load_bundle
 
 
 @pytest.fixture(scope="module")

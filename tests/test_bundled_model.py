@@ -16,8 +16,9 @@ from training.assets import slug
 ROOT = Path(__file__).parents[1]
 BUNDLE, ASSETS = ROOT / "exported" / "fmnist", ROOT / "assets"
 SUPERVISED = ROOT / "weights" / "fmnist-supervised"
-PARTS = {"encoder": "encoder/encoder.safetensors", "codebook": "codebook/codebook.safetensors",
-         "vqgan": "vqgan/vqgan.safetensors", "stage1": "stage1/stage1.safetensors", "stage2": "stage2/stage2.safetensors"}
+PARTS = {"encoder": SUPERVISED / "encoder/encoder.safetensors", "codebook": SUPERVISED / "codebook/codebook.safetensors",
+         "vqgan": BUNDLE / "vqgan.safetensors", "stage1": SUPERVISED / "stage1/stage1.safetensors",
+         "stage2": SUPERVISED / "stage2/stage2.safetensors"}
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +56,7 @@ def test_supervised_weights_assemble_the_documented_model(tmp_path: Path) -> Non
     they assemble, the documented way, into the model that training/rebuild_bundle.sh exports."""
     from training.assemble import main
     main(["--config", str(ROOT / "training" / "fmnist_supervised.yaml"), f"--root={tmp_path}", "--workers=0",
-          *(f"--{k}={SUPERVISED / v}" for k, v in PARTS.items())])
+          *(f"--{k}={v}" for k, v in PARTS.items())])
     model = DiGIT.load(tmp_path / "model")
     e = model.config.encoder
     assert (model.config.name, e.kind, e.objective, e.labels) == ("fmnist-supervised", "vit", "supervised", True)
@@ -82,3 +83,25 @@ def test_examples_tokenize_into_used_clusters(bundle) -> None:
     ids = bundle.tokenize(_examples())[0]
     sizes = np.asarray(json.loads((ASSETS / "clusters" / "fmnist" / "sizes.json").read_text())["sizes"])
     assert (sizes[ids.ravel()] > 0).mean() > 0.99   # test patches land in clusters the training patches use
+
+
+# sha256 prefixes of the bundled model's outputs for fixed seeds. A refactor must leave them as
+# they are (byte-identical samples); new weights change them, and the commit that brings the
+# weights updates them.
+PINS = {"generate": "4ba06955cd7f23af", "complete": "ee08c7c22d596433", "unguided": "6d62c71b5d41137d",
+        "tokenize": "adee19e2c57fb784"}
+
+
+def test_fixed_seeds_give_the_pinned_bytes(bundle) -> None:
+    import hashlib
+
+    def digest(*arrays: np.ndarray) -> str:
+        return hashlib.sha256(b"".join(np.ascontiguousarray(a).tobytes() for a in arrays)).hexdigest()[:16]
+
+    img = np.asarray(load_image(sorted((ASSETS / "examples" / "fmnist").glob("*.png"))[0], 32))
+    g = bundle.generate([0, 3, 6, 9], seed=0)
+    c = bundle.complete_detailed(img, keep_rows=4, n=2, seed=1)
+    u = bundle.generate([1, 2], seed=5, cfg=1, top_k=0)
+    got = {"generate": digest(g.images, g.disc_tokens, g.vq_tokens), "complete": digest(c.images, c.disc_tokens, c.vq_tokens),
+           "unguided": digest(u.images, u.disc_tokens, u.vq_tokens), "tokenize": digest(*bundle.tokenize(img[None])[:2])}
+    assert got == PINS

@@ -55,7 +55,7 @@ def test_bundle_layout_and_manifest(bundle_dir: Path, bundle: Bundle) -> None:
     man = json.loads((bundle_dir / "manifest.json").read_text())
     assert set(man["files"]) == {"config.json", "tokenizer.onnx", "vq_encoder.onnx", "vq_decoder.onnx",
                                  "stage1.onnx", "stage2.onnx"}
-    assert man["format_version"] == 3 and man["weights"] == "float32" and man["opset"] == 17 and man["ir_version"] <= 13
+    assert man["format_version"] == 4 and man["weights"] == "float32" and man["opset"] == 17 and man["ir_version"] <= 13
     assert man["disc_grid"] == 4 and man["vq_grid"] == 4 and man["class_names"] == ["class 0", "class 1", "class 2"]
     assert json.loads(json.dumps(bundle.config.to_dict())) == man["config"] and bundle.class_names == man["class_names"]
     assert bundle.provider == "CPUExecutionProvider"

@@ -4,7 +4,11 @@ The model config comes from the stage-1 artifact (it records the classes and K t
 with); every part is loaded strictly, so a part trained for another config fails here, by name.
 ``python -m digit_core.export <root>/model`` turns the directory into an app bundle.
 
+``--tokens=vq`` assembles the VQ-AR baseline instead (``training.stage1 --tokens=vq``): its
+stage 1 and the VQGAN, into ``<root>/model_vq``.
+
     python -m training.assemble --config training/fmnist.yaml [--out=runs/fmnist/model]
+    python -m training.assemble --config training/fmnist.yaml --tokens=vq --vqgan=exported/fmnist/vqgan.safetensors
 """
 from __future__ import annotations
 
@@ -12,10 +16,13 @@ if __name__ == "__main__" and not __package__:   # run as a file, training/ woul
     raise SystemExit("run the stages as modules from the repository root: python -m training.assemble --help")
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
-from digit_core.config import DiGITConfig
+
+from digit_core.config import ConfigError, DiGITConfig
 from digit_core.pipeline import DiGIT
+from digit_core.presets import vq_baseline
 from training.config import RunConfig, parse_config
 from training.files import load_tensors, require
 from training.trainer import Trainer
@@ -27,15 +34,41 @@ class AssembleConfig(RunConfig):
     encoder: str = ""              # default <root>/ssl/encoder.safetensors
     codebook: str = ""             # default <root>/kmeans/codebook.safetensors
     vqgan: str = ""                # default <root>/vqgan/vqgan.safetensors
-    stage1: str = ""               # default <root>/stage1/stage1.safetensors
+    stage1: str = ""               # default <root>/stage1/stage1.safetensors (tokens=vq: stage1_vq/)
     stage2: str = ""               # default <root>/stage2/stage2.safetensors
-    out: str = ""                  # default <root>/model
+    out: str = ""                  # default <root>/model (tokens=vq: model_vq)
     name: str = ""                 # model name in config.json; default the preset's
+    tokens: str = "disc"           # disc: DiGIT; vq: the VQ-AR baseline (stage 1 over VQ ids + VQGAN)
+
+    def __post_init__(self) -> None:
+        if self.tokens not in ("disc", "vq"):
+            raise ConfigError(f"tokens must be 'disc' or 'vq', got {self.tokens!r}")
+
+
+def vq_model(stage1: Path, vqgan: Path, name: str = "") -> DiGIT:
+    """The VQ-AR baseline from a ``training.stage1 --tokens=vq`` artifact and a VQGAN's weights."""
+    tensors, meta = load_tensors(require(Path(stage1), "stage1 --tokens=vq"))
+    if meta.get("tokens") != "vq":
+        raise ValueError(f"{stage1} is a stage 1 over {meta.get('tokens', 'disc')} tokens, not VQ ids: "
+                         f"train the baseline with python -m training.stage1 ... --tokens=vq")
+    mcfg = vq_baseline(DiGITConfig.from_dict(meta["model"]))
+    if name:
+        mcfg.name = name
+    model = DiGIT(mcfg)
+    state = {f"stage1.{n}": t for n, t in tensors.items()}
+    state |= {f"vqgan.{n}": t for n, t in load_tensors(require(Path(vqgan), "vqgan"))[0].items()}
+    model.load_weights(state, source=f"{stage1}, {vqgan}")
+    return model
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(AssembleConfig, argv)
     tr = Trainer(cfg)
+    if cfg.tokens == "vq":
+        model = vq_model(cfg.input(cfg.stage1, "stage1_vq/stage1.safetensors"),
+                         cfg.input(cfg.vqgan, "vqgan/vqgan.safetensors"), cfg.name)
+        _save(tr, model, cfg.input(cfg.out, "model_vq"))
+        return
     parts = {"encoder": cfg.input(cfg.encoder, "ssl/encoder.safetensors"),
              "codebook": cfg.input(cfg.codebook, "kmeans/codebook.safetensors"),
              "vqgan": cfg.input(cfg.vqgan, "vqgan/vqgan.safetensors"),
@@ -53,12 +86,15 @@ def main(argv: list[str] | None = None) -> None:
     centroids = loaded["codebook"][0]["centroids"]
     state |= {"codebook.centroids": centroids, "codebook.centroid_sq": centroids.float().pow(2).sum(1)}
     model.load_weights(state, source=", ".join(str(p) for p in parts.values()))
-    out = cfg.input(cfg.out, "model")
+    _save(tr, model, cfg.input(cfg.out, "model"))
+
+
+def _save(tr: Trainer, model: DiGIT, out: Path) -> None:
     if tr.d.main:
         model.save(out)
-        smoke = model.sample([0, 0]) if mcfg.stage1.num_classes else model.sample(n=2)
-        tr.info(f"wrote {out} ({sum(t.numel() for t in state.values()) / 1e6:.2f}M values); "
-                f"a test sample gave {smoke.shape}")
+        smoke = model.sample([0, 0]) if model.config.stage1.num_classes else model.sample(n=2)
+        values = sum(t.numel() for t in model.own_state_dict().values()) / 1e6
+        tr.info(f"wrote {out} ({values:.2f}M values); a test sample gave {smoke.shape}")
     tr.finish()
 
 

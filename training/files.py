@@ -79,7 +79,7 @@ class StaleRunError(ConfigError):
 
 def file_digest(path: str | Path) -> str:
     """sha256 of an input file (an upstream stage's product)."""
-    from digit_core.runtime import sha256
+    from digit_core.contract import sha256
     return sha256(Path(path))
 
 

@@ -2,7 +2,7 @@
 # Fashion-MNIST from the idx files to the app bundle exported/fmnist, every stage in order.
 #   bash training/fmnist.sh [--key=value ...]     # shared overrides go to every stage, e.g. --root=runs/try
 #   CONFIG=my.yaml BUNDLE=exported/mine ASSETS=/tmp/assets bash training/fmnist.sh    # another recipe or outputs
-#   VQGAN=weights/fmnist-supervised/vqgan/vqgan.safetensors bash training/fmnist.sh    # reuse a trained VQGAN (no vqgan stage)
+#   VQGAN=exported/fmnist/vqgan.safetensors bash training/fmnist.sh    # reuse a trained VQGAN (no vqgan stage)
 # Each stage resumes from its checkpoint (or skips finished work) when rerun, so after an
 # interruption rerun the same command. Stages 'vqgan' and 'ssl' are independent, and so are
 # 'stage1' and 'stage2' (the bundled model ran them side by side, one core each).

@@ -8,7 +8,7 @@ label smoothing 0.1, clipping 1.0, weight decay 0.01, as the official recipe.
 ``--tokens=vq`` trains the tokenizer ablation's baseline (paper Table 3a, §4.5): the same GPT,
 data and budget on the VQGAN's own ids (K = vqgan.n_embed) instead of cluster ids, into
 ``<root>/stage1_vq``; it generates VQ ids that the VQGAN decodes directly, without a stage 2
-(``training.analyses.vq_ar.VQAutoregressive`` samples it).
+(``training.assemble --tokens=vq`` makes it a model: ``digit_core.presets.vq_baseline``).
 
     python -m training.stage1 --config training/fmnist.yaml [--steps=... --batch_size=...]
     python -m training.stage1 --config training/fmnist.yaml --tokens=vq
@@ -26,6 +26,7 @@ import torch
 
 from digit_core.config import ConfigError, DiGITConfig
 from digit_core.gpt import GPT
+from digit_core.presets import vq_baseline
 from training.config import TrainConfig, parse_config
 from training.data import load_data, model_config
 from training.tokens import TokenDataset, code_loss, disc_tokenizer, token_datasets, vq_tokenizer
@@ -57,14 +58,14 @@ class Stage1Config(TrainConfig):
 
 
 def vq_model_config(cfg: Stage1Config, class_names: list[str]) -> DiGITConfig:
-    """The model config with the codebook replaced by the VQGAN's: stage 1 then predicts VQ ids
-    with the same GPT sizes. The grids must match so both models see sequences of equal length."""
+    """The VQ-AR baseline of the run's model: stage 1 predicts the VQGAN's ids with the same GPT
+    sizes. The grids must match so both models see sequences of equal length."""
     m = model_config(cfg, class_names)
     m = model_config(dataclasses.replace(cfg, codebook_size=m.vqgan.n_embed), class_names)
     if m.disc_grid != m.vq_grid:
         raise ConfigError(f"tokens=vq needs equal token grids for a like-for-like ablation; "
                           f"disc {m.disc_grid}x{m.disc_grid} vs VQ {m.vq_grid}x{m.vq_grid}")
-    return m
+    return vq_baseline(m)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,6 +11,6 @@ One module per analysis, each ``run(ctx) -> Section``:
     ablation    Table 3a: a same-size GPT on VQ tokens alone vs DiGIT, class accuracy and FD
     completion  Figure 4b: completions from 12.5-75% of the token rows, disc vs VQ tokenizer
 
-``common`` holds the inputs (paths, images, models, the judge) and the report writer; ``vq_ar``
-the VQ-only baseline as a ``Flows`` backend.
+``common`` holds the inputs (paths, images, models, the judge) and the report writer; the VQ-only
+baseline is a ``DiGIT`` of a VQ-token config (``training.assemble.vq_model``).
 """

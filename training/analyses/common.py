@@ -15,7 +15,6 @@ import plotly.graph_objects as go
 import torch
 from PIL import Image
 
-from digit_core.flows import Flows
 from digit_core.pipeline import DiGIT
 from digit_core.viz import upscale
 from training.data import as_uint8
@@ -90,11 +89,12 @@ class Context:
         return DiGIT.load(require(self.opts.path(self.opts.model, "model"), "assemble"), self.device)
 
     @cached_property
-    def vq_model(self) -> Flows:
-        from training.analyses.vq_ar import VQAutoregressive
+    def vq_model(self) -> DiGIT:
+        """The VQ-AR baseline (``training.stage1 --tokens=vq``) on the same VQGAN."""
+        from training.assemble import vq_model
         o = self.opts
-        return VQAutoregressive.load(o.path(o.vq_stage1, "stage1_vq/stage1.safetensors"),
-                                     o.path(o.vqgan, "vqgan/vqgan.safetensors"), self.device)
+        return vq_model(o.path(o.vq_stage1, "stage1_vq/stage1.safetensors"),
+                        o.path(o.vqgan, "vqgan/vqgan.safetensors")).to(self.device)
 
     @cached_property
     def eval_config(self) -> EvalConfig:

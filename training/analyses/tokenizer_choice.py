@@ -1,7 +1,7 @@
 """Choose the tokenizer on the validation split: a trained encoder vs its untrained control, at several K.
 
     python -m training.analyses.tokenizer_choice --encoder runs/fmnist/ssl/encoder.safetensors \\
-        --vqgan weights/fmnist-supervised/vqgan/vqgan.safetensors --fit fmnist:fit --val fmnist:val \\
+        --vqgan exported/fmnist/vqgan.safetensors --fit fmnist:fit --val fmnist:val \\
         --ks 256,512,1024 --out weights/fmnist/codebook/choice.json
 
 For each K, K-Means is fit on the patch features of ``n_fit`` images of ``fit`` (the same images
