@@ -11,11 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from digit_core.presets import tiny
 from digit_core.encoders import Encoder
+from digit_core.presets import tiny
 from training import features, stage1, vqgan
+from training.checkpoint import CHECKPOINT
 from training.files import StaleRunError, atomic_save, load_tensors, read_meta
-from training.trainer import CHECKPOINT
 
 TINY = ["--model=tiny", "--batch_size=8", "--workers=0"]
 

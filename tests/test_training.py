@@ -16,7 +16,7 @@ from PIL import Image
 from digit_core.config import ConfigError
 from digit_core.data import FMNIST_DIR, FashionMNIST, ImageFolder
 from training.config import parse_config
-from training.files import atomic_path, atomic_save, atomic_write_text, load_tensors
+from training.files import atomic_path, atomic_save, atomic_write_text, load_strict, load_tensors
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--model=tiny", "--batch_size=8", "--workers=0"]
@@ -50,6 +50,17 @@ def test_a_failed_atomic_write_leaves_the_old_file_and_no_temp_file(tmp_path: Pa
     atomic_write_text(path.with_name("b.json"), "new")     # a success renames the temp file into place
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name, "b.json"]
     assert path.with_name("b.json").read_text() == "new"
+
+
+def test_a_state_dict_that_does_not_fit_is_refused_by_name() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
+    state = {"0.weight": torch.zeros(3, 4), "0.bias": torch.zeros(3), "2.weight": torch.zeros(1, 3)}
+    with pytest.raises(ConfigError, match=r"w.safetensors does not fit this Sequential: missing \['1.bias', "
+                                          r"'1.weight'\], unexpected \['2.weight'\], .*0.weight: \(3, 4\) vs \(3, 2\)"):
+        load_strict(model, state, "w.safetensors")
+    assert torch.count_nonzero(model[0].bias) == 3                 # nothing was loaded
+    load_strict(model, {k: torch.zeros_like(v) for k, v in model.state_dict().items()}, "w.safetensors")
+    assert not any(torch.count_nonzero(v) for v in model.state_dict().values())
 
 
 # -- data -----------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from torch import nn
 
 from training.config import RunConfig, TrainConfig
 from training.ema import EMA
-from training.files import StaleRunError, as_json, atomic_save, differences, load_tensors
+from training.files import StaleRunError, as_json, atomic_save, differences, load_strict, load_tensors
 
 CHECKPOINT = "checkpoint.safetensors"
 RngState = tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]   # torch, CUDA, Python + numpy
@@ -55,9 +55,9 @@ def read_checkpoint(path: Path, modules: dict[str, nn.Module], emas: dict[str, E
     tensors and metadata (the step, the RNG states, the record ``check_resumed`` reads)."""
     tensors, meta = load_tensors(path)
     for name, m in modules.items():
-        m.load_state_dict(_sub(tensors, f"model.{name}."))
+        load_strict(m, _sub(tensors, f"model.{name}."), f"{path} (model.{name})")
     for name, e in emas.items():
-        e.module.load_state_dict(_sub(tensors, f"ema.{name}."))
+        load_strict(e.module, _sub(tensors, f"ema.{name}."), f"{path} (ema.{name})")
     for name, opt in optims.items():
         om = meta["optims"][name]
         state: dict[int, dict[str, Any]] = {}

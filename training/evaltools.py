@@ -12,14 +12,14 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
 from digit_core.pipeline import images_to_input
 from training.config import RunConfig
 from training.data import load_data, test_split
-from training.files import atomic_save, load_tensors
+from training.files import atomic_save, load_strict, load_tensors
 
 log = logging.getLogger("digit.evaluate")
 
@@ -176,7 +176,7 @@ def get_classifier(cfg: EvalConfig, train: Labelled, test: Labelled, classes: li
         if meta.get("arch") != arch or meta.get("classes") != classes:
             raise ValueError(f"{path} is a classifier for {meta.get('arch')} with classes {meta.get('classes')}; "
                              f"this evaluation needs {arch} with classes {classes}: delete it or set classifier=PATH")
-        model.load_state_dict(tensors)
+        load_strict(model, tensors, path)
         model.eval()
         log.info(f"reusing classifier {path} (trained on {meta['data']}, "
                  f"test accuracy then {meta['test_accuracy']:.4f})")

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -21,6 +22,7 @@ from training.files import (
     data_identity,
     differences,
     file_digest,
+    load_strict,
     load_tensors,
     read_meta,
     require,
@@ -33,7 +35,7 @@ def load_encoder(cfg: DiGITConfig, path: str | Path) -> nn.Module:
     """Our Encoder with the weights the ssl stage wrote (frozen, eval)."""
     from digit_core.encoders import Encoder
     enc = Encoder(cfg.encoder)
-    enc.load_state_dict(load_tensors(require(Path(path), "ssl"))[0])
+    load_strict(enc, load_tensors(require(Path(path), "ssl"))[0], path)
     return enc.eval().requires_grad_(False)
 
 
@@ -45,7 +47,7 @@ def load_codebook(path: str | Path) -> nn.Module:
 def load_vqgan(cfg: DiGITConfig, path: str | Path) -> nn.Module:
     from digit_core.vqgan import VQGAN
     vq = VQGAN(cfg.vqgan)
-    vq.load_state_dict(load_tensors(require(Path(path), "vqgan"))[0])
+    load_strict(vq, load_tensors(require(Path(path), "vqgan"))[0], path)
     return vq.eval().requires_grad_(False)
 
 

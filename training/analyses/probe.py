@@ -13,6 +13,7 @@ trained on for dropped labels, and the unconditional half of classifier-free gui
 """
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import torch
 from digit_core.config import DiGITConfig
 from digit_core.pipeline import DiGIT
 from training.analyses.common import Context, Section, batched, fmt, probe_accuracy, table
-from training.files import load_tensors, require
+from training.files import load_strict, load_tensors, require
 
 PAPER = {"best_top1": 71.7, "model": "219M, 16 layers, K=8192 (Table 2)",
          "shape": "rises quickly after the first block, peaks in the middle layers and dips a little in the last "
@@ -76,9 +77,10 @@ def probe_model(root: Path, device: torch.device) -> DiGIT:
     tensors, meta = load_tensors(require(s1 / "stage1.safetensors", "stage1"))
     c = json.loads(require(s1 / "train_config.json", "stage1").read_text())
     model = DiGIT(DiGITConfig.from_dict(meta["model"]))
-    model.stage1.load_state_dict(tensors)
-    encoder, encoder_meta = load_tensors(require(Path(c["encoder"] or root / "ssl/encoder.safetensors"), "ssl"))
-    model.encoder.load_state_dict(encoder)
+    load_strict(model.stage1, tensors, s1 / "stage1.safetensors")
+    encoder_path = Path(c["encoder"] or root / "ssl/encoder.safetensors")
+    encoder, encoder_meta = load_tensors(require(encoder_path, "ssl"))
+    load_strict(model.encoder, encoder, encoder_path)
     model.config.encoder.source = encoder_meta.get("source", model.config.encoder.source)
     book = load_tensors(require(Path(c["codebook"] or root / "kmeans/codebook.safetensors"), "kmeans"))[0]
     model.codebook.set_centroids(book["centroids"])
@@ -106,9 +108,9 @@ def run(ctx: Context) -> Section:
     fig = go.Figure()
     for r in rows:
         fig.add_scatter(x=list(range(len(r["accuracy"]))), y=r["accuracy"], mode="lines+markers", name=r["label"])
-    fig.update_layout(title=dict(text="Linear probe on each stage-1 layer (0 = embeddings)", font=dict(size=14)),
-                      height=420, xaxis=dict(title="layer", dtick=1), yaxis=dict(title="test accuracy"),
-                      plot_bgcolor="white", margin=dict(l=10, r=10, t=40, b=10))
+    fig.update_layout(title={"text": "Linear probe on each stage-1 layer (0 = embeddings)", "font": {"size": 14}},
+                      height=420, xaxis={"title": "layer", "dtick": 1}, yaxis={"title": "test accuracy"},
+                      plot_bgcolor="white", margin={"l": 10, "r": 10, "t": 40, "b": 10})
     fig.update_yaxes(gridcolor="#eee")
     return Section("probe", "Linear probe per stage-1 layer (Figure 3b)", data, fig, markdown(data))
 
@@ -141,7 +143,7 @@ def findings(d: dict) -> list[str]:
     main = [r for r in d["models"] if r.get("encoder") == d["models"][0].get("encoder")]
     if len(main) > 1:
         best = [max(r["accuracy"]) for r in main]
-        rising = all(a < b for a, b in zip(best, best[1:]))
+        rising = all(a < b for a, b in itertools.pairwise(best))
         out.append("Across codebook sizes the best accuracy " + ", ".join(
             f"{r['label']} {a:.3f}" for r, a in zip(main, best))
             + (" rises with K, as in the paper." if rising else " does not rise steadily with K, unlike the paper."))

@@ -21,6 +21,7 @@ from digit_core.metrics import PAPER_TABLE1, Encode, disc_encode, stability
 from digit_core.pipeline import DiGIT
 from digit_core.viz import stability_figure
 from training.analyses.common import Context, Section, batched, fmt, images_text, probe_accuracy, table
+from training.files import load_strict
 
 SAME = 0.05
 """Token-change rates within this of each other count as "about as stable"."""
@@ -43,7 +44,7 @@ def kmeans_model(model: DiGIT, fit_images: np.ndarray, seed: int, batch: int, en
     other.load_state_dict({k: v for k, v in model.own_state_dict().items()
                            if not k.startswith(("encoder.", "codebook."))}, strict=False)
     if encoder_state is not None:
-        other.encoder.load_state_dict(encoder_state)
+        load_strict(other.encoder, encoder_state, "the encoder state")
     other.to(model.device)
     feats = np.concatenate(batched(lambda x: other.tokenize(x)[2], fit_images, batch))
     other.codebook.set_centroids(fit_kmeans(feats.reshape(-1, feats.shape[-1]), model.config.codebook.size, seed=seed))
@@ -100,7 +101,7 @@ def run(ctx: Context) -> Section:
             "images": images_text(ctx)}
     fig = stability_figure(data["snr_db"], ours["vq_change"], ours["disc_change"], height=450)
     fig.add_scatter(x=[str(s) for s in data["snr_db"]], y=list(ctrl["disc_change"]), mode="lines+markers",
-                    name="Disc. tokens, random-init encoder (control)", line=dict(color="#2ca02c", dash="dash"))
+                    name="Disc. tokens, random-init encoder (control)", line={"color": "#2ca02c", "dash": "dash"})
     return Section("stability", "Stability of the latent space (Table 1) with a random-init control", data, fig,
                    markdown(data))
 

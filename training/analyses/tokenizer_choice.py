@@ -36,7 +36,7 @@ from digit_core.vqgan import VQGAN
 from training.analyses.common import batched
 from training.analyses.stability import probe_and_usage
 from training.data import as_uint8
-from training.files import atomic_write_text, load_tensors, require
+from training.files import atomic_write_text, load_strict, load_tensors, require
 
 
 def images(spec: str, cfg: DiGITConfig, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -65,7 +65,7 @@ def kmeans_tokenizer(cfg: DiGITConfig, K: int, state: dict[str, torch.Tensor] | 
         torch.manual_seed(seed)
         enc = Encoder(cfg.encoder)
     if state is not None:
-        enc.load_state_dict(state)
+        load_strict(enc, state, "the encoder state")
     enc.eval().requires_grad_(False)
     probe = DiscTokenizer(enc, Codebook(torch.zeros(1, cfg.encoder.width)))
     feats = np.concatenate(batched(lambda x: encode_with(probe)(x)[1], fit, batch))
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
                  "rows": rows}
     if a.vqgan:
         vqgan = VQGAN(cfg.vqgan)
-        vqgan.load_state_dict(load_tensors(require(Path(a.vqgan), "vqgan"))[0])
+        load_strict(vqgan, load_tensors(require(Path(a.vqgan), "vqgan"))[0], a.vqgan)
         encode = encode_with(VQEncoder(vqgan.eval()))
         out["vq_codes"] = token_stability(encode, val[0], cfg.channels, SNR_LEVELS_DB, a.seed, a.batch)
         print(f"VQGAN codes: change at 10 dB {out['vq_codes']['change'][SNR_LEVELS_DB.index(10.0)]:.3f}", flush=True)
