@@ -30,6 +30,7 @@ from digit_core.pipeline import to_channels
 from training.config import RunConfig, parse_config
 from training.data import load_data
 from training.files import as_json, atomic_path, data_identity, differences, file_digest
+from training.layout import LAYOUT
 from training.tokens import load_encoder
 from training.trainer import Trainer
 
@@ -49,14 +50,15 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(FeaturesConfig, argv)
     tr = Trainer(cfg)
     data, mcfg = load_data(cfg, cfg.data, train=False)
-    encoder = load_encoder(mcfg, cfg.input(cfg.encoder, "ssl/encoder.safetensors")).to(tr.device)
+    encoder_path = cfg.input(cfg.encoder, LAYOUT.encoder.path)
+    encoder = load_encoder(mcfg, encoder_path).to(tr.device)
     order = np.random.default_rng(cfg.seed).permutation(len(data))
     n_fit = max(1, math.ceil(cfg.fraction * len(data)))
     n_held = max(1, math.ceil(cfg.heldout_fraction * len(data)))
     samples = {"fit": order[:n_fit], "heldout": order[n_fit: n_fit + n_held]}
     patch_rng = torch.Generator().manual_seed(cfg.seed + tr.d.rank)
     # What a shard is made from; a shard whose record differs (other data, encoder or sample) is rebuilt.
-    key = as_json({"data": data_identity(data), "encoder": file_digest(cfg.input(cfg.encoder, "ssl/encoder.safetensors")),
+    key = as_json({"data": data_identity(data), "encoder": file_digest(encoder_path),
                    "encoder_config": dataclasses.asdict(mcfg.encoder), "seed": cfg.seed, "fraction": cfg.fraction,
                    "heldout_fraction": cfg.heldout_fraction, "patches_per_image": cfg.patches_per_image,
                    "dtype": cfg.dtype})

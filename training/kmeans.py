@@ -23,6 +23,7 @@ from digit_core.codebook import Codebook, fit_kmeans, usage_stats
 from training.config import RunConfig, parse_config
 from training.data import model_config
 from training.files import atomic_save
+from training.layout import LAYOUT
 from training.trainer import Trainer
 
 
@@ -48,14 +49,15 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(KMeansConfig, argv)
     tr = Trainer(cfg)
     K = model_config(cfg, []).codebook.size
-    folder = cfg.input(cfg.features, "features")
+    folder = cfg.input(cfg.features, LAYOUT.features)
     fit = read_shards(folder, "fit")
     tr.info(f"fitting K={K} on {fit.shape[0]} features of dim {fit.shape[1]} "
             f"(faiss samples at most {cfg.max_points_per_centroid * K})")
     centroids = fit_kmeans(fit, K, niter=cfg.niter, seed=cfg.seed, max_points_per_centroid=cfg.max_points_per_centroid,
                            verbose=tr.d.main)
     book = Codebook(centroids)
-    atomic_save({"centroids": book.centroids}, tr.run_dir / "codebook.safetensors")
+    path = tr.run_dir / LAYOUT.codebook.file
+    atomic_save({"centroids": book.centroids}, path)
     for name, x in (("fit", fit[: 200_000]), ("heldout", read_shards(folder, "heldout"))):
         ids, dist = book.assign(torch.from_numpy(x))
         s = usage_stats(ids.numpy(), K)
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
                      f"{name}_mean_sq_dist": float(dist.mean())})
         tr.info(f"{name}: {s['used']}/{K} codes used, perplexity {s['perplexity']:.1f}, "
                 f"mean squared distance {float(dist.mean()):.4g}")
-    tr.info(f"wrote {tr.run_dir / 'codebook.safetensors'}")
+    tr.info(f"wrote {path}")
     tr.finish()
 
 

@@ -18,19 +18,17 @@ import shutil
 from pathlib import Path
 
 from training.files import atomic_save, load_tensors, require
+from training.layout import LAYOUT
 
-# stage -> (artifact in <root>/<stage>/, folder under --out)
-ARTIFACTS = {"ssl": ("encoder.safetensors", "encoder"), "kmeans": ("codebook.safetensors", "codebook"),
-             "vqgan": ("vqgan.safetensors", "vqgan"), "stage1": ("stage1.safetensors", "stage1"),
-             "stage2": ("stage2.safetensors", "stage2")}
+ARTIFACTS = {a.stage: a for a in LAYOUT.parts}   # stage -> its artifact; the copy goes to <out>/<name>/<file>
 RECORDS = ("train_config.json", "metrics.jsonl", "train.log")
 
 
 def publish(root: Path, out: Path, stage: str) -> Path:
-    """``<root>/<stage>/<artifact>`` -> ``<out>/<folder>/<artifact>`` in float16, with the run's records."""
-    name, folder = ARTIFACTS[stage]
-    tensors, meta = load_tensors(require(root / stage / name, stage))
-    dst = out / folder / name
+    """``<root>/<stage>/<file>`` -> ``<out>/<name>/<file>`` in float16, with the run's records."""
+    a = ARTIFACTS[stage]
+    tensors, meta = load_tensors(require(root / a.path, stage))
+    dst = out / a.name / a.file
     atomic_save({k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}, dst, meta)
     for rec in RECORDS:
         if (root / stage / rec).is_file():

@@ -45,15 +45,16 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
 from digit_core.encoders import Encoder
 from digit_core.pipeline import to_channels
 from training.config import TrainConfig, at_least, fraction, one_of, parse_config
 from training.data import load_data
 from training.evaltools import linear_probe
+from training.layout import LAYOUT
 from training.ssl_objectives import Centers, crops, distill, info_nce, random_masks, same_places, vicreg
 from training.trainer import Trainer
 
@@ -141,7 +142,7 @@ class SSLModel(nn.Module):
             x = torch.where(mask[..., None], self.mask_token.to(x.dtype), x)
         n_pre = vit.num_prefix_tokens
         pos = vit.pos_embed[:, 0 if vit.no_embed_class else n_pre:]
-        g = int(math.isqrt(pos.shape[1]))
+        g = math.isqrt(pos.shape[1])
         if (h, w) != (g, g):
             pos = F.interpolate(pos.reshape(1, g, g, d).permute(0, 3, 1, 2), size=(h, w), mode="bicubic",
                                 align_corners=False).permute(0, 2, 3, 1).reshape(1, h * w, d)
@@ -199,7 +200,7 @@ def vicreg_dense_step(tr: Trainer, model: nn.Module, x: torch.Tensor, cfg: SSLCo
     with tr.autocast():
         z = model(views, None, None)
     n = x.shape[0]
-    pooled, pm = vicreg(z[:n].mean((2, 3)), z[n:].mean((2, 3)), cfg.vicreg_weights)
+    pooled, _ = vicreg(z[:n].mean((2, 3)), z[n:].mean((2, 3)), cfg.vicreg_weights)
     cells, inside = same_places(z.float(), theta, e.grid)
     both = inside[:n] & inside[n:]
     dense, dm = vicreg(cells[:n][both], cells[n:][both], cfg.vicreg_weights)
@@ -320,7 +321,7 @@ def main(argv: list[str] | None = None) -> None:
     e.objective, e.labels = cfg.objective, supervised
     e.source = (f"{arch} trained here with the labels (objective=supervised, {tr.step} steps; not self-supervised)"
                 if supervised else f"{arch} trained here self-supervised (objective={cfg.objective}, {tr.step} steps, no labels)")
-    tr.save_artifact("encoder", tr.eval_module("model").encoder.state_dict(),
+    tr.save_artifact(LAYOUT.encoder.name, tr.eval_module("model").encoder.state_dict(),
                      {"model": mcfg.to_dict(), "source": e.source, "objective": e.objective, "labels": e.labels})
     tr.finish()
 

@@ -20,6 +20,7 @@ import torch
 from digit_core.gpt import GPT
 from training.config import TrainConfig, parse_config
 from training.data import load_data
+from training.layout import LAYOUT
 from training.tokens import TokenDataset, code_loss, disc_tokenizer, token_datasets, vq_tokenizer
 from training.trainer import Trainer
 
@@ -45,9 +46,9 @@ def main(argv: list[str] | None = None) -> None:
     N = mcfg.disc_grid ** 2
 
     # Cached for the same reason as stage 1: the frozen encoder and VQGAN never change.
-    tokenize = {"disc": disc_tokenizer(tr, mcfg, cfg.input(cfg.encoder, "ssl/encoder.safetensors"),
-                                       cfg.input(cfg.codebook, "kmeans/codebook.safetensors")),
-                "vq": vq_tokenizer(tr, mcfg, cfg.input(cfg.vqgan, "vqgan/vqgan.safetensors"))}
+    tokenize = {"disc": disc_tokenizer(tr, mcfg, cfg.input(cfg.encoder, LAYOUT.encoder.path),
+                                       cfg.input(cfg.codebook, LAYOUT.codebook.path)),
+                "vq": vq_tokenizer(tr, mcfg, cfg.input(cfg.vqgan, LAYOUT.vqgan.path))}
     train_tokens, val_tokens = token_datasets(tr, cfg, data, tokenize, ("disc", "vq"))
     del tokenize
 
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
             with tr.untimed():
                 tr.record(step=step + 1, **evaluate(tr, val_tokens, inputs, N, g, cfg.eval_batches))
 
-    tr.save_artifact("stage2", tr.final_state("model"), {"model": mcfg.to_dict()})
+    tr.save_artifact(LAYOUT.stage2.name, tr.final_state("model"), {"model": mcfg.to_dict()})
     tr.finish()
 
 

@@ -14,21 +14,23 @@ from __future__ import annotations
 if __name__ == "__main__" and not __package__:   # run as a file, training/ would shadow the standard library
     raise SystemExit("run the stages as modules from the repository root: python -m training.vqgan --help")
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from digit_core.codebook import usage_stats
-from digit_core.vqgan import VQGAN
 from digit_core.pipeline import to_channels
+from digit_core.vqgan import VQGAN
 from training.config import TrainConfig, parse_config
 from training.data import load_data
 from training.files import file_digest
+from training.layout import LAYOUT
 from training.tokens import load_encoder
 from training.trainer import Trainer
 
@@ -64,7 +66,7 @@ class RandomFeatures(nn.Module):
         g = torch.Generator().manual_seed(seed)
         widths = [channels, 32, 64, 128]
         self.layers = nn.ModuleList(nn.Conv2d(a, b, 3, stride=1 if i == 0 else 2, padding=1)
-                                    for i, (a, b) in enumerate(zip(widths, widths[1:])))
+                                    for i, (a, b) in enumerate(itertools.pairwise(widths)))
         for conv in self.layers:
             conv.weight.data = torch.randn(conv.weight.shape, generator=g) * math.sqrt(2 / conv.weight[0].numel())
             conv.bias.data.zero_()
@@ -115,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.perceptual == "random":
         perc = RandomFeatures(vc.out_channels, cfg.seed).to(tr.device)
     elif cfg.perceptual == "encoder":
-        enc_path = cfg.input(cfg.encoder, "ssl/encoder.safetensors")
+        enc_path = cfg.input(cfg.encoder, LAYOUT.encoder.path)
         enc = load_encoder(mcfg, enc_path).to(tr.device)
         tr.depends(perceptual_encoder=file_digest(enc_path))   # a resumed run must use the same one
         perc = lambda a, b: F.mse_loss(*(enc.features(to_channels(v, mcfg.encoder.in_chans)) for v in (a, b)))
@@ -158,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
             with tr.untimed():
                 tr.record(step=step + 1, **evaluate(tr, val, cfg.eval_images))
 
-    tr.save_artifact("vqgan", tr.final_state("vqgan"), {"model": mcfg.to_dict()})
+    tr.save_artifact(LAYOUT.vqgan.name, tr.final_state("vqgan"), {"model": mcfg.to_dict()})
     tr.finish()
 
 

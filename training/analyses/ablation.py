@@ -19,6 +19,7 @@ from plotly.subplots import make_subplots
 
 from digit_core.flows import Flows
 from training.analyses.common import CLOSE, Context, Section, batched, fmt, images_text, table, tile
+from training.layout import LAYOUT
 
 PAPER = {"VQ tokens": {"fid": 24.38, "is": 30.93}, "+ discriminative tokens": {"fid": 9.66, "is": 69.15}}
 """Table 3a (ImageNet 256x256, unconditional, 219M, 200 epochs)."""
@@ -68,11 +69,11 @@ def run(ctx: Context) -> Section:
     for key, (images, want) in sets.items():
         feats, pred = judge.measure(images)
         scores[key] = {"class_accuracy": float((pred == want).mean()), "fd": float(judge.frechet(feats, f_real))}
-    s1_dir = o.path(o.model, "model").parent / "stage1"
+    s1_dir = o.path(o.model, LAYOUT.model).parent / LAYOUT.stage1.stage
     data = {"scores": scores, "rows": ROWS, "n_per_class": o.n_per_class, "num_classes": C, "cfg": shared["cfg"],
             "sampling": shared, "judge": judge.name, "grid": model.config.disc_grid, "images": images_text(ctx),
             "budget": {"digit": budget(s1_dir, model.stage1, model.stage2),
-                       "vq": budget(o.path(o.vq_stage1, "stage1_vq/stage1.safetensors").parent, vq_model.stage1)},
+                       "vq": budget(o.path(o.vq_stage1, LAYOUT.stage1_vq.path).parent, vq_model.stage1)},
             "paper": PAPER}
 
     fig = make_subplots(1, 3, subplot_titles=("Ours: FD, classifier features ↓", "Ours: classified as asked ↑",
@@ -84,7 +85,7 @@ def run(ctx: Context) -> Section:
                 showlegend=False)
     fig.add_bar(x=list(PAPER), y=[v["fid"] for v in PAPER.values()], marker_color=["#d62728", "#1f77b4"], row=1, col=3,
                 showlegend=False)
-    fig.update_layout(height=450, plot_bgcolor="white", margin=dict(l=10, r=10, t=60, b=10))
+    fig.update_layout(height=450, plot_bgcolor="white", margin={"l": 10, "r": 10, "t": 60, "b": 10})
     fig.update_annotations(font_size=14)
     fig.update_yaxes(gridcolor="#eee")
     fig.update_yaxes(range=[0, 1], row=1, col=2)
@@ -104,14 +105,14 @@ def findings(d: dict) -> list[str]:
     verdict = ("discriminative tokens help, as in the paper." if agree else
                "discriminative tokens hurt here, unlike the paper." if change > CLOSE else
                f"no clear difference here (within {CLOSE:.0%}), unlike the paper.")
-    out = [f"DiGIT's samples are at FD {dig['fd']:.3f}, the VQ-only model's at {vq['fd']:.3f}: "
-           f"{change * 100:+.0f}% from adding discriminative tokens (paper: FID {p['VQ tokens']['fid']} -> "
-           f"{p['+ discriminative tokens']['fid']}, {paper_change * 100:+.0f}%): {verdict}",
-           f"Classified as the class asked for: DiGIT {dig['class_accuracy']:.3f}, VQ only {vq['class_accuracy']:.3f} "
-           f"(real images {s['real']['class_accuracy']:.3f}, VQGAN reconstructions {s['recon']['class_accuracy']:.3f}; "
-           f"guidance {d['cfg']}).",
-           f"Floors: other real images are at FD {s['real']['fd']:.3f} from the test images, VQGAN reconstructions "
-           f"at {s['recon']['fd']:.3f}: no VQGAN-decoded sample can do much better than the latter."]
+    out = [(f"DiGIT's samples are at FD {dig['fd']:.3f}, the VQ-only model's at {vq['fd']:.3f}: "
+            f"{change * 100:+.0f}% from adding discriminative tokens (paper: FID {p['VQ tokens']['fid']} -> "
+            f"{p['+ discriminative tokens']['fid']}, {paper_change * 100:+.0f}%): {verdict}"),
+           (f"Classified as the class asked for: DiGIT {dig['class_accuracy']:.3f}, VQ only {vq['class_accuracy']:.3f} "
+            f"(real images {s['real']['class_accuracy']:.3f}, VQGAN reconstructions {s['recon']['class_accuracy']:.3f}; "
+            f"guidance {d['cfg']})."),
+           (f"Floors: other real images are at FD {s['real']['fd']:.3f} from the test images, VQGAN reconstructions "
+            f"at {s['recon']['fd']:.3f}: no VQGAN-decoded sample can do much better than the latter.")]
     known = None not in (b["digit"]["steps"], b["vq"]["steps"])
     same = known and (b["digit"]["steps"], b["digit"]["batch_size"]) == (b["vq"]["steps"], b["vq"]["batch_size"])
     out.append(f"Budget: stage 1 {b['digit']['steps']} x {b['digit']['batch_size']} vs VQ-only "

@@ -25,6 +25,7 @@ from digit_core.config import DiGITConfig
 from digit_core.pipeline import DiGIT
 from training.analyses.common import Context, Section, batched, fmt, probe_accuracy, table
 from training.files import load_strict, load_tensors, require
+from training.layout import LAYOUT
 
 PAPER = {"best_top1": 71.7, "model": "219M, 16 layers, K=8192 (Table 2)",
          "shape": "rises quickly after the first block, peaks in the middle layers and dips a little in the last "
@@ -71,18 +72,18 @@ def probe_model(root: Path, device: torch.device) -> DiGIT:
     """A run's tokenizer and stage 1: its assembled ``<root>/model``, else - a probe needs no stage 2
     or VQGAN - its stage-1 artifact with the encoder and codebook its ``train_config.json`` names
     (so a run for another K needs only the kmeans and stage1 stages)."""
-    if (root / "model").is_dir():
-        return DiGIT.load(root / "model", device)
-    s1 = root / "stage1"
-    tensors, meta = load_tensors(require(s1 / "stage1.safetensors", "stage1"))
+    if (root / LAYOUT.model).is_dir():
+        return DiGIT.load(root / LAYOUT.model, device)
+    s1 = root / LAYOUT.stage1.stage
+    tensors, meta = load_tensors(require(s1 / LAYOUT.stage1.file, "stage1"))
     c = json.loads(require(s1 / "train_config.json", "stage1").read_text())
     model = DiGIT(DiGITConfig.from_dict(meta["model"]))
-    load_strict(model.stage1, tensors, s1 / "stage1.safetensors")
-    encoder_path = Path(c["encoder"] or root / "ssl/encoder.safetensors")
+    load_strict(model.stage1, tensors, s1 / LAYOUT.stage1.file)
+    encoder_path = Path(c["encoder"] or root / LAYOUT.encoder.path)
     encoder, encoder_meta = load_tensors(require(encoder_path, "ssl"))
     load_strict(model.encoder, encoder, encoder_path)
     model.config.encoder.source = encoder_meta.get("source", model.config.encoder.source)
-    book = load_tensors(require(Path(c["codebook"] or root / "kmeans/codebook.safetensors"), "kmeans"))[0]
+    book = load_tensors(require(Path(c["codebook"] or root / LAYOUT.codebook.path), "kmeans"))[0]
     model.codebook.set_centroids(book["centroids"])
     return model.to(device)
 
@@ -90,7 +91,7 @@ def probe_model(root: Path, device: torch.device) -> DiGIT:
 def run(ctx: Context) -> Section:
     o = ctx.opts
     (x_tr, y_tr), (x_te, y_te) = ctx.images("train", o.n_probe_train), ctx.images("test", o.n_probe_test)
-    models = [(o.path(o.model, "model"), ctx.model)] + [(Path(r), probe_model(Path(r), ctx.device)) for r in o.probe_roots]
+    models = [(o.path(o.model, LAYOUT.model), ctx.model)] + [(Path(r), probe_model(Path(r), ctx.device)) for r in o.probe_roots]
     rows = []
     for path, model in models:
         f_tr, f_te = layer_features(model, x_tr, o.batch), layer_features(model, x_te, o.batch)
