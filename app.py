@@ -39,10 +39,10 @@ def summary(m: demo.Model | None, err: str | None = None) -> str:
         return f"**No model loaded.** {err}"
     c = m.config
     classes = ", ".join(m.class_names) if c.stage1.num_classes else "unconditional"
-    return (f"**{c.name}** · {c.image_size}×{c.image_size} images · {c.disc_grid}×{c.disc_grid} discriminative "
-            f"tokens ({c.codebook.size} clusters) → {c.vq_grid}×{c.vq_grid} VQ tokens ({c.vqgan.n_embed} codes) · "
-            f"{m.flows.provider} · classes: {classes}"
-            + f"\n\n{demo.encoder_line(c.encoder)}")
+    tokenizer = ("Tokenizer: the VQGAN's codes (trained to reconstruct pixels), no discriminative encoder"
+                 if c.is_vq else demo.encoder_line(c.encoder))
+    return (f"**{c.name}** · {c.image_size}×{c.image_size} images · {demo.model_line(c)} · "
+            f"{m.flows.provider} · classes: {classes}\n\n{tokenizer}")
 
 
 def build(registry: common.Registry, analytics: bool = False) -> gr.Blocks:
@@ -110,6 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="DiGIT Studio: the Gradio demo.")
     p.add_argument("--model", default="exported/fmnist",
                    help="bundle folder (default: %(default)s, from the project folder)")
+    p.add_argument("--bundles", default=None,
+                   help="folder whose bundles the model selectors list (default: the project's exported/)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default %(default)s: this machine only; 0.0.0.0 exposes the app, see README)")
     p.add_argument("--port", type=int, default=7860)
@@ -133,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
 
     cache = service.private_cache()
     atexit.register(service.remove_cache, cache)
-    registry = common.Registry(a.model, a.device, a.threads)
+    registry = common.Registry(a.model, a.device, a.threads, a.bundles)
     app = build(registry, analytics=a.analytics)
     if registry.try_get(None)[0] is None:
         print(f"warning: {demo.missing_message(a.model)}", file=sys.stderr)

@@ -225,11 +225,29 @@ def stability_one(model: Model, image: np.ndarray, snr_db: float, seed: int) -> 
     image = as_seen(image[None], model.config.channels)
     noisy = model.flows.check_images(add_noise(image, snr_db, np.random.default_rng(seed)))   # back to RGB
     both = np.concatenate([model.flows.check_images(image), noisy])
-    ids, _, feats = model.flows.tokenize(both)
     vq = model.flows.vq_tokenize(both)
-    return {"noisy": noisy[0], "disc_changed": ids[0] != ids[1], "vq_changed": vq[0] != vq[1],
-            "disc_change_rate": token_change_rate(ids[:1], ids[1:]), "vq_change_rate": token_change_rate(vq[:1], vq[1:]),
-            "disc_cos_sim": cosine_similarity(feats[0], feats[1])}
+    out = {"noisy": noisy[0], "vq_changed": vq[0] != vq[1], "vq_change_rate": token_change_rate(vq[:1], vq[1:]),
+           "disc_changed": None, "disc_change_rate": None, "disc_cos_sim": None}
+    if not model.config.is_vq:   # a VQ-token model has no discriminative tokens
+        ids, _, feats = model.flows.tokenize(both)
+        out |= {"disc_changed": ids[0] != ids[1], "disc_change_rate": token_change_rate(ids[:1], ids[1:]),
+                "disc_cos_sim": cosine_similarity(feats[0], feats[1])}
+    return out
+
+
+def stage1_tokens(config: Any) -> str:
+    """What a model's stage 1 generates, in words (its token grids' titles)."""
+    return "VQ tokens" if config.is_vq else "discriminative tokens"
+
+
+def model_line(config: Any) -> str:
+    """The model in one line: its tokens and stages (the header, and a comparison's caption)."""
+    c = config
+    if c.is_vq:
+        return (f"{c.vq_grid}×{c.vq_grid} VQ tokens ({c.vqgan.n_embed} codes) generated directly by stage 1 and "
+                "decoded by the VQGAN: the VQ-AR baseline (no discriminative tokens, no stage 2)")
+    return (f"{c.disc_grid}×{c.disc_grid} discriminative tokens ({c.codebook.size} clusters) → {c.vq_grid}×{c.vq_grid} "
+            f"VQ tokens ({c.vqgan.n_embed} codes)")
 
 
 # -- what a request asks for -------------------------------------------------------------------------
@@ -320,12 +338,12 @@ def choose_image(model: Model, upload: str | None, example: str | None) -> np.nd
     raise ValueError("Upload an image or pick an example first.")
 
 
-def timing_text(timings: dict[str, float], batch: int, n: int, m: int, kept: int = 0) -> str:
+def timing_text(timings: dict[str, float], batch: int, n: int, m: int, kept: int = 0, stage2: bool = True) -> str:
     """Seconds and tokens/s per stage; ``kept`` stage-1 tokens per image were given, not generated,
-    so they are not counted in stage 1's rate."""
+    so they are not counted in stage 1's rate. ``stage2`` False: a VQ-token model, which has none."""
     t1, t2, t3 = timings.get("stage1", 0.0), timings.get("stage2", 0.0), timings.get("decode", 0.0)
-    return (f"stage 1: {t1:.2f} s ({batch * (n * n - kept) / max(t1, 1e-9):,.0f} tokens/s) · "
-            f"stage 2: {t2:.2f} s ({batch * m * m / max(t2, 1e-9):,.0f} tokens/s) · "
+    two = f"stage 2: {t2:.2f} s ({batch * m * m / max(t2, 1e-9):,.0f} tokens/s) · " if stage2 else "no stage 2 · "
+    return (f"stage 1: {t1:.2f} s ({batch * (n * n - kept) / max(t1, 1e-9):,.0f} tokens/s) · {two}"
             f"VQ decode: {t3:.3f} s · total {t1 + t2 + t3:.2f} s for {batch} image(s)")
 
 
@@ -354,39 +372,49 @@ def stream(run: Callable[..., Any], min_interval: float = 0.05) -> Iterator[tupl
     """Run ``run(on_token=...)`` in a thread; yield ``("token", codes_so_far)`` as stage 1 goes
     (at most one per ``min_interval`` seconds, but always the last), then ``("done", result)``.
     Errors are re-raised here; closing the iterator (the user left) stops the worker at its next token."""
+    for _, kind, value in stream_many([run], min_interval):
+        yield kind, value
+
+
+def stream_many(runs: list[Callable[..., Any]], min_interval: float = 0.05) -> Iterator[tuple[int, str, Any]]:
+    """``stream`` for several runs at once, each in its own thread (a comparison of two models
+    fills both token grids side by side): ``(run index, kind, value)``, every run's ``"done"``
+    included. The first error is re-raised; closing the iterator stops every worker."""
     q: queue.Queue = queue.Queue()
     stop = threading.Event()
 
-    def on_token(step: int, codes: np.ndarray) -> None:
-        if stop.is_set():
-            raise _Cancelled
-        q.put(("token", codes))
-
-    def work() -> None:
+    def work(i: int, run: Callable[..., Any]) -> None:
+        def on_token(step: int, codes: np.ndarray) -> None:
+            if stop.is_set():
+                raise _Cancelled
+            q.put((i, "token", codes))
         try:
-            q.put(("done", run(on_token=on_token)))
+            q.put((i, "done", run(on_token=on_token)))
         except _Cancelled:
             pass
         except BaseException as err:  # handed to the consumer
-            q.put(("error", err))
+            q.put((i, "error", err))
 
-    threading.Thread(target=work, daemon=True, name="digit-flow").start()
-    last, t_last = None, 0.0
+    for i, run in enumerate(runs):
+        threading.Thread(target=work, args=(i, run), daemon=True, name=f"digit-flow-{i}").start()
+    last: dict[int, Any] = {}
+    t_last, running = 0.0, len(runs)
     try:
-        while True:
-            kind, value = q.get()
+        while running:
+            i, kind, value = q.get()
             if kind == "token":
-                last = value
+                last[i] = value
                 if q.empty() and time.perf_counter() - t_last >= min_interval:
                     t_last = time.perf_counter()
-                    yield kind, value
-                    last = None
+                    for j in sorted(last):
+                        yield j, "token", last[j]
+                    last.clear()
                 continue
-            if last is not None:
-                yield "token", last
+            if i in last:
+                yield i, "token", last.pop(i)
             if kind == "error":
                 raise value
-            yield kind, value
-            return
+            running -= 1
+            yield i, kind, value
     finally:
         stop.set()

@@ -134,12 +134,12 @@ def stability(flows: Flows, images: np.ndarray, snr_levels: tuple[float, ...] = 
               batch: int = 256) -> dict[str, list[float] | int]:
     """The paper's Table 1 on uint8 ``images [N, H, W, 3]``: ``token_stability`` of the
     discriminative tokens (encoder features) and of the VQ tokens (VQ encoder latents before
-    quantisation), on the same noisy images."""
+    quantisation), on the same noisy images. A VQ-token model has no discriminative side (None)."""
     c = flows.config.channels
-    d = token_stability(disc_encode(flows), images, c, snr_levels, seed, batch)
     v = token_stability(flows.vq_encode, images, c, snr_levels, seed, batch)
-    return {"snr_db": [float(s) for s in snr_levels], "disc_change": d["change"], "vq_change": v["change"],
-            "disc_cos_sim": d["cos_sim"], "vq_cos_sim": v["cos_sim"], "num_images": len(images)}
+    d = None if flows.config.is_vq else token_stability(disc_encode(flows), images, c, snr_levels, seed, batch)
+    return {"snr_db": [float(s) for s in snr_levels], "disc_change": d and d["change"], "vq_change": v["change"],
+            "disc_cos_sim": d and d["cos_sim"], "vq_cos_sim": v["cos_sim"], "num_images": len(images)}
 
 
 def bootstrap_ci(statistic: Callable[[np.ndarray], float], n: int, *, n_boot: int = 1000, seed: int = 0,

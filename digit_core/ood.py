@@ -64,7 +64,7 @@ def tokenizer_sha256(flows: Any) -> str | None:
 def distance_check(model: demo.Model, image: np.ndarray, dists: np.ndarray | None = None) -> dict[str, Any] | None:
     """An image's mean squared distance to its nearest centroids beside the training images'
     (``dists``: the tokenizer's, if already computed), or None when the model has no reference."""
-    ref = model.distance_reference()
+    ref = None if model.config.is_vq else model.distance_reference()   # a VQ-token model has no centroids
     if ref is None:
         return None
     if dists is None:

@@ -196,15 +196,17 @@ def histogram_figure(ids: np.ndarray, vocab: int, title: str = "Tokens used", he
     return fig
 
 
-def stability_figure(snrs: Sequence[float], vq: Sequence[float], disc: Sequence[float], height: int = 380,
-                     current: tuple[float, float, float] | None = None) -> go.Figure:
+def stability_figure(snrs: Sequence[float], vq: Sequence[float], disc: Sequence[float] | None, height: int = 380,
+                     current: tuple[float, float, float | None] | None = None) -> go.Figure:
     """Token change rate vs SNR for both tokenizers, with the paper's Table 1 beside them;
-    ``current = (snr_db, vq_rate, disc_rate)`` marks one image's measurement on the curve."""
+    ``current = (snr_db, vq_rate, disc_rate)`` marks one image's measurement on the curve.
+    ``disc`` None: a VQ-token model, which has VQ tokens only."""
     x = [str(float(s)) for s in snrs]       # category names; callers adding traces use str() of the same floats
     px = [str(float(s)) for s in SNR_LEVELS_DB]
     fig = go.Figure()
     fig.add_scatter(x=x, y=list(vq), name="VQ tokens (this model)", mode="lines+markers", line=dict(color="#d62728"))
-    fig.add_scatter(x=x, y=list(disc), name="Disc. tokens (this model)", mode="lines+markers", line=dict(color="#1f77b4"))
+    if disc is not None:
+        fig.add_scatter(x=x, y=list(disc), name="Disc. tokens (this model)", mode="lines+markers", line=dict(color="#1f77b4"))
     fig.add_scatter(x=px, y=list(PAPER_TABLE1["vq_change"]), name="VQ tokens (paper, ImageNet)",
                     mode="lines+markers", line=dict(color="#d62728", dash="dot"), marker=dict(symbol="x"))
     fig.add_scatter(x=px, y=list(PAPER_TABLE1["disc_change"]), name="Disc. tokens (paper, ImageNet)",
@@ -214,6 +216,8 @@ def stability_figure(snrs: Sequence[float], vq: Sequence[float], disc: Sequence[
         snr, vq_now, disc_now = current
         order = sorted({*order, float(snr)}, reverse=True)
         for rate, name, color in ((vq_now, "VQ", "#d62728"), (disc_now, "Disc.", "#1f77b4")):
+            if rate is None:
+                continue
             fig.add_scatter(x=[str(float(snr))], y=[rate], mode="markers", name=f"{name} tokens, this image",
                             marker=dict(symbol="star", size=16, color=color, line=dict(color="black", width=1)))
     fig.update_layout(title=dict(text="Token change rate vs SNR (lower = more stable)", font=dict(size=14)),

@@ -37,11 +37,13 @@ PAPER = "[arXiv:2410.12490](https://arxiv.org/abs/2410.12490)"
 class Registry:
     """Opened bundles by name, shared by every user (read-only models; no per-request state).
 
-    A name is ``exported/<folder>`` for every bundle in the project's ``exported/``, plus the
-    ``--model`` folder's own name when it lies elsewhere; clients may open only these."""
+    A name is ``exported/<folder>`` for every bundle in ``root`` (the project's ``exported/``
+    unless ``--bundles`` names another folder), plus the ``--model`` folder's own name when it
+    lies elsewhere; clients may open only these."""
 
-    def __init__(self, default: str, device: str, threads: int | None) -> None:
+    def __init__(self, default: str, device: str, threads: int | None, root: str | Path | None = None) -> None:
         self.default, self.device, self.threads = str(default), device, threads
+        self.root = Path(root) if root is not None else demo.EXPORTED
         self._models: dict[str, demo.Model] = {}
         self._lock = threading.Lock()
 
@@ -54,7 +56,7 @@ class Registry:
     def paths(self) -> dict[str, Path]:
         """Name -> folder of every bundle clients may open. The ``--model`` folder, when it is not
         in ``exported/``, is named by its last part: the selector shows no server directories."""
-        found = {f"exported/{Path(p).name}": Path(p) for p in demo.list_bundles()}
+        found = {f"exported/{Path(p).name}": Path(p) for p in demo.list_bundles(self.root)}
         default = self._default_path()
         if any(p.resolve() == default.resolve() for p in found.values()):
             return found
@@ -265,6 +267,55 @@ def chose_thumbnail(model_name: str, evt: gr.SelectData) -> tuple[str, None]:
     names = model(model_name).example_names()
     i = demo.integer("example index", evt.index if not isinstance(evt.index, list) else evt.index[0], 0, len(names) - 1)
     return names[i], None
+
+
+# -- a second bundle for the same request ---------------------------------------------------------
+NO_COMPARE = "(none)"
+COMPARE_NOTE = ("**Compare:** the same request (class, seed, sampling, kept rows, noise) on a second bundle, side by "
+                "side. What to look for: DiGIT's discriminative tokens barely move under noise while VQ codes change, "
+                "and a completion from a small prefix stays in its class with DiGIT and drifts with VQ tokens.")
+
+
+def compare_choices() -> list[str]:
+    return [NO_COMPARE, *registry().choices()]
+
+
+def compare_dropdown() -> gr.Dropdown:
+    # custom values: API clients may name a listed bundle by its folder path (as for the model)
+    return gr.Dropdown(compare_choices(), value=NO_COMPARE, label="Compare with (the same request on another bundle)",
+                       allow_custom_value=True)
+
+
+def second_model(first: demo.Model, name: str | None) -> demo.Model | None:
+    """The bundle ``compare_model`` names, or None for no comparison; it must generate the same
+    classes from images of the same size, so that one request means the same to both."""
+    if name in (None, "", NO_COMPARE):
+        return None
+    other = model(name)
+    a, b = first.config, other.config
+    if (a.image_size, list(first.class_names)) != (b.image_size, list(other.class_names)):
+        raise ValueError(f"cannot compare {a.name} with {b.name}: they differ in image size or classes")
+    return other
+
+
+def compare_caption(model_name: str | None, compare_name: str | None) -> tuple[dict, dict]:
+    """Show the second column and the caption (both models in a line each, and what to look
+    for) when a comparison is chosen; hide them otherwise."""
+    try:
+        first = model(model_name)
+        other = second_model(first, compare_name)
+    except (*USER_ERRORS,) as err:
+        return gr.update(visible=False), gr.update(visible=True, value=f"**Compare:** {client_text(err)}")
+    if other is None:
+        return gr.update(visible=False), gr.update(visible=False)
+    lines = [f"- left: **{first.config.name}**: {demo.model_line(first.config)}",
+             f"- right: **{other.config.name}**: {demo.model_line(other.config)}"]
+    return gr.update(visible=True), gr.update(visible=True, value=COMPARE_NOTE + "\n" + "\n".join(lines))
+
+
+def wire_compare(compare: gr.Dropdown, model_dd: gr.Dropdown, column: gr.Column, caption: gr.Markdown) -> None:
+    for event in (compare.change, model_dd.change):
+        event(compare_caption, [model_dd, compare], [column, caption], api_visibility="private")
 
 
 def howto(text: str) -> gr.Markdown:

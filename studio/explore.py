@@ -61,6 +61,7 @@ def pick_cell(ids: list | None, model: str | None, evt: gr.SelectData) -> tuple:
 def show_cluster(cluster: float | None, model: str | None = None) -> tuple:
     """The training patches nearest cluster ``cluster``'s centroid, and a line about it."""
     m = common.model(model)
+    m.flows.check_disc("show a cluster")
     k = demo.integer("cluster id", cluster, 0, m.config.codebook.size - 1)
     sizes, _ = m.cluster_sizes()
     pic = m.cluster_gallery(k)
@@ -84,7 +85,7 @@ class View:
 def initial(model: str | None) -> tuple:
     """What the tab shows on load: its first example, tokenized."""
     m, _ = common.registry().try_get(model)
-    names = m.example_names() if m else []
+    names = m.example_names() if m and not m.config.is_vq else []   # a VQ-token model has no clusters
     if not names:
         return tuple(gr.skip() for _ in range(7))
     return tokenize(None, names[0], model)
@@ -94,7 +95,7 @@ def initial_cluster(model: str | None) -> tuple:
     """The cluster shown on load: the token of the first example's centre cell (cluster id,
     gallery, note); the most used token is often the background's."""
     m, _ = common.registry().try_get(model)
-    names = m.example_names() if m else []
+    names = m.example_names() if m and not m.config.is_vq else []
     if not names:
         return gr.skip(), gr.skip(), gr.skip()
     ids = m.flows.tokenize(m.example(names[0])[None])[0][0]
@@ -106,7 +107,7 @@ def initial_cluster(model: str | None) -> tuple:
 def on_model(v: View, m: demo.Model | None) -> dict:
     if m is None:
         return {}
-    return v.image.on_model(m) | {v.cluster: gr.update(maximum=m.config.codebook.size - 1, value=None)}
+    return v.image.on_model(m) | {v.cluster: gr.update(maximum=m.config.stage1_vocab - 1, value=None)}
 
 
 def build(m: demo.Model | None, model_dd: gr.Dropdown) -> View:

@@ -13,19 +13,24 @@ from digit_core import demo, viz
 
 from . import common
 
-TITLE = "Stage 1: discriminative tokens, token by token"
 DEFAULT_SAMPLES = 4
 HOWTO = ("each square is one image's grid of discriminative tokens (one per patch, in reading order), filled in "
          "as stage 1 generates them; a colour is a token id (equal colours = the same cluster), or with "
          "\"probability\" how likely the sampler found each token. Stage 2 then maps each grid to VQ tokens and the "
-         "VQGAN decoder renders the images below.")
+         "VQGAN decoder renders the images below. A VQ-AR bundle (the paper's baseline) generates VQ tokens directly.")
+
+
+def title(m: demo.Model | None, state: str = "") -> str:
+    """The token grid's title: what this model's stage 1 generates, token by token."""
+    what = demo.stage1_tokens(m.config) if m else "discriminative tokens"
+    return f"Stage 1: {what}, token by token" + (f" ({state})" if state else "")
 
 
 def empty_figure(m: demo.Model | None, n_samples: int = DEFAULT_SAMPLES) -> Any:
     """The grid before the first token: drawn on page load so the plot library is ready when the
     first run streams (otherwise the browser loads it with the first figure, late in stage 1)."""
-    n, K = (m.config.disc_grid, m.config.codebook.size) if m else (8, 512)
-    return viz.generation_figure(demo.pad_grid(np.zeros((n_samples, 0)), n), None, K, title=TITLE + " (waiting)")
+    n, K = (m.config.disc_grid, m.config.stage1_vocab) if m else (8, 512)
+    return viz.generation_figure(demo.pad_grid(np.zeros((n_samples, 0)), n), None, K, title=title(m, "waiting"))
 
 
 def labels_of(m: demo.Model, classes: list[int] | None, B: int) -> list[str]:
@@ -33,44 +38,69 @@ def labels_of(m: demo.Model, classes: list[int] | None, B: int) -> list[str]:
     return [f"#{i} · {name}" for i, name in enumerate(names)]
 
 
+def _done(m: demo.Model, g: Any, classes: list[int] | None, labels: list[str], color_by: str) -> tuple:
+    """One model's finished run: grid figure, gallery, timing line, JSON, redraw state."""
+    c, B = m.config, len(labels)
+    fig = viz.generation_figure(g.disc_tokens, g.disc_probs, c.stage1_vocab, color_by, title=title(m, "done"),
+                                labels=labels)
+    pics = common.gallery([(img, f"{label} · seed {g.seed}") for img, label in zip(g.images, labels)])
+    data = {"model": c.name, "tokens": c.tokens, "class_ids": classes, "seed": g.seed, "settings": g.settings.to_dict(),
+            "disc_tokens": g.disc_tokens.tolist(), "vq_tokens": g.vq_tokens.tolist(),
+            "disc_probs": np.round(g.disc_probs, 5).tolist(), "timings": g.timings}
+    timing = demo.timing_text(g.timings, B, c.disc_grid, c.vq_grid, stage2=not c.is_vq)
+    return fig, pics, timing, data, {"codes": g.disc_tokens, "probs": g.disc_probs, "vocab": c.stage1_vocab,
+                                     "labels": labels, "title": title(m, "done")}
+
+
 @common.handled
 def sample(class_name: str | None, num_samples: float, temperature: float | None = None, top_k: float | None = None,
            top_p: float | None = None, cfg_scale: float | None = None, seed: float = 0, color_by: str = "id",
-           model: str | None = None) -> Iterator[tuple]:
-    """Generate ``num_samples`` images; yields (grid figure, gallery, timings, JSON, state) as stage 1 runs."""
+           model: str | None = None, compare_model: str | None = None) -> Iterator[tuple]:
+    """Generate ``num_samples`` images, and with ``compare_model`` the same request on a second
+    bundle; yields (grid, gallery, timings, JSON, state, second grid, second gallery) as stage 1 runs."""
     m = common.model(model)
-    c = m.config
+    m2 = common.second_model(m, compare_model)
     B = demo.integer("num_samples", num_samples, 1, 16)
     if color_by not in ("id", "probability"):
         raise ValueError(f"color_by must be 'id' or 'probability', got {color_by!r:.40}")
     classes = demo.resolve_classes(m, class_name, B, seed)
     kw = demo.sampling_args(temperature, top_k, top_p, cfg_scale)
     labels = labels_of(m, classes, B)
-    run = functools.partial(m.flows.generate, classes, n=None if classes else B, seed=seed, **kw)
+    models = [m] if m2 is None else [m, m2]
+    runs = [functools.partial(x.flows.generate, classes, n=None if classes else B, seed=seed, **kw) for x in models]
     # the previous run's images go as this one starts
-    yield empty_figure(m, B), [], "stage 1: starting …", None, None
-    for kind, value in demo.stream(run):
+    yield (empty_figure(m, B), [], "stage 1: starting …", None, None,
+           empty_figure(m2, B) if m2 else None, [])
+    done: dict[int, tuple] = {}
+    for i, kind, value in demo.stream_many(runs):
+        x, c = models[i], models[i].config
         if kind == "token":
-            fig = viz.generation_figure(demo.pad_grid(value, c.disc_grid), None, c.codebook.size, title=TITLE,
+            fig = viz.generation_figure(demo.pad_grid(value, c.disc_grid), None, c.stage1_vocab, title=title(x),
                                         labels=labels)
-            yield fig, gr.skip(), f"stage 1: token {value.shape[1]} of {c.disc_grid ** 2} …", gr.skip(), gr.skip()
+            if i == 0:
+                yield fig, gr.skip(), f"stage 1: token {value.shape[1]} of {c.disc_grid ** 2} …", *(gr.skip(),) * 4
+            else:
+                yield *(gr.skip(),) * 5, fig, gr.skip()
             continue
-        g = value
-        fig = viz.generation_figure(g.disc_tokens, g.disc_probs, c.codebook.size, color_by, title=TITLE + " (done)",
-                                    labels=labels)
-        pics = common.gallery([(img, f"{label} · seed {g.seed}") for img, label in zip(g.images, labels)])
-        data = {"class_ids": classes, "seed": g.seed, "settings": g.settings.to_dict(),
-                "disc_tokens": g.disc_tokens.tolist(), "vq_tokens": g.vq_tokens.tolist(),
-                "disc_probs": np.round(g.disc_probs, 5).tolist(), "timings": g.timings}
-        yield fig, pics, demo.timing_text(g.timings, B, c.disc_grid, c.vq_grid), data, \
-            {"codes": g.disc_tokens, "probs": g.disc_probs, "vocab": c.codebook.size, "labels": labels}
+        done[i] = _done(x, value, classes, labels, color_by)
+        if i == 1 and 0 not in done:
+            yield *(gr.skip(),) * 5, *done[1][:2]
+        elif i == 0 and m2 is not None and 1 not in done:
+            yield *done[0], gr.skip(), gr.skip()
+    # the last message holds every output (what an API client's predict returns): both runs, one JSON
+    fig, pics, timing, data, last = done[0]
+    if m2 is None:
+        yield fig, pics, timing, data, last, None, []
+    else:
+        fig2, pics2, timing2, data2, _ = done[1]
+        yield fig, pics, f"{timing}\n\n{m2.config.name}: {timing2}", data | {"compare": data2}, last, fig2, pics2
 
 
 def recolor(color_by: str, last: dict | None):
     """Redraw the finished grid coloured another way (no new sampling)."""
     if not last or color_by not in ("id", "probability"):
         return gr.skip()
-    return viz.generation_figure(last["codes"], last["probs"], last["vocab"], color_by, title=TITLE + " (done)",
+    return viz.generation_figure(last["codes"], last["probs"], last["vocab"], color_by, title=last["title"],
                                  labels=last["labels"])
 
 
@@ -97,14 +127,14 @@ def on_model(v: View, m: demo.Model | None) -> dict:
         return {}
     d = defaults(m)
     return {v.cls: gr.update(choices=demo.class_choices(m), value=demo.class_choices(m)[0]),
-            v.temperature: d["temperature"], v.top_k: gr.update(maximum=m.config.codebook.size, value=d["top_k"]),
+            v.temperature: d["temperature"], v.top_k: gr.update(maximum=m.config.stage1_vocab, value=d["top_k"]),
             v.top_p: d["top_p"], v.cfg: gr.update(interactive=m.has_cfg, value=d["cfg"]), v.plot: empty_figure(m)}
 
 
 def build(m: demo.Model | None, model_dd: gr.Dropdown) -> View:
     d = defaults(m)
     classes = demo.class_choices(m) if m else [demo.RANDOM]
-    K = m.config.codebook.size if m else 512
+    K = m.config.stage1_vocab if m else 512
     common.howto(HOWTO)
     with gr.Row():
         with gr.Column(scale=1):
@@ -117,16 +147,27 @@ def build(m: demo.Model | None, model_dd: gr.Dropdown) -> View:
                             interactive=bool(m and m.has_cfg))
             seed = gr.Number(0, label="Seed", precision=0, minimum=0)
             color = gr.Radio(["id", "probability"], value="id", label="Colour tokens by")
+            compare = common.compare_dropdown()
             btn = gr.Button("Generate", variant="primary", elem_id="generate-btn")
         with gr.Column(scale=2):
-            plot = gr.Plot(empty_figure(m), label="Stage-1 tokens (live)", elem_id="generate-plot")
+            with gr.Row():
+                with gr.Column():
+                    plot = gr.Plot(empty_figure(m), label="Stage-1 tokens (live)", elem_id="generate-plot")
+                    pics = gr.Gallery(label="Samples", columns=4, height=380, format="png", object_fit="contain",
+                                      buttons=["download", "fullscreen"], elem_classes="pixelated",
+                                      elem_id="generate-gallery")
+                with gr.Column(visible=False) as second:
+                    plot2 = gr.Plot(None, label="Compared bundle: stage-1 tokens (live)", elem_id="generate-plot-2")
+                    pics2 = gr.Gallery(label="Compared bundle: samples", columns=4, height=380, format="png",
+                                       object_fit="contain", buttons=["download", "fullscreen"],
+                                       elem_classes="pixelated", elem_id="generate-gallery-2")
+            caption = gr.Markdown(visible=False)
             timing = gr.Markdown(label="timings", elem_id="generate-timing")
-            pics = gr.Gallery(label="Samples", columns=4, height=380, format="png", object_fit="contain",
-                              buttons=["download", "fullscreen"], elem_classes="pixelated", elem_id="generate-gallery")
             with gr.Accordion("Tokens and settings (JSON)", open=False):
                 data = gr.JSON(label="tokens")
     last = gr.State(None)
-    btn.click(sample, [cls, n, temp, topk, topp, cfg, seed, color, model_dd], [plot, pics, timing, data, last],
-              api_name="sample")
+    btn.click(sample, [cls, n, temp, topk, topp, cfg, seed, color, model_dd, compare],
+              [plot, pics, timing, data, last, plot2, pics2], api_name="sample")
+    common.wire_compare(compare, model_dd, second, caption)
     color.change(recolor, [color, last], plot, api_visibility="private")
     return View(cls, temp, topk, topp, cfg, plot)

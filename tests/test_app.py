@@ -44,11 +44,20 @@ TTL = 10   # seconds the strict app keeps files
 # -- fixtures --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny DiGIT bundle, and beside it (the app's --bundles folder) its VQ-AR twin on the same VQGAN."""
+    from digit_core.presets import our_layout, vq_baseline
     torch.manual_seed(0)
     m = DiGIT(tiny(3))
     with torch.no_grad():   # spread the centroids so tokenize uses many clusters
         m.codebook.set_centroids(torch.randn(16, 32) * 0.3)
-    return export_bundle(m, tmp_path_factory.mktemp("exported") / "tiny")
+    root = tmp_path_factory.mktemp("exported")
+    c, gpt = m.config, dict(n_layer=2, n_head=2, d_model=32, d_ff=64)
+    vq = DiGIT(vq_baseline(our_layout("tiny-vq", 16, 3, c.encoder, c.vqgan.n_embed, c.vqgan, 3, gpt, gpt,
+                                      list(c.class_names))))
+    vq.vqgan.load_state_dict(m.vqgan.state_dict())
+    out = export_bundle(m, root / "tiny")
+    export_bundle(vq, root / "tiny-vq", share_with=out)
+    return out
 
 
 def _free_port() -> int:
@@ -63,7 +72,7 @@ def _start(bundle: Path, cache: Path, *flags: str, cwd: Path = ROOT):
     env = dict(os.environ, GRADIO_TEMP_DIR=str(cache), PYTHONUNBUFFERED="1")
     env.pop("GRADIO_ANALYTICS_ENABLED", None)        # the app turns analytics off itself
     proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--model", str(bundle), "--port", str(port),
-                             "--threads", "1", *flags],
+                             "--threads", "1", "--bundles", str(bundle.parent), *flags],
                             cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     ready = threading.Event()
@@ -166,7 +175,7 @@ def test_missing_model_gives_a_clear_message(tmp_path: Path) -> None:
 
 # -- endpoints ---------------------------------------------------------------------------------------
 def test_sample_shapes_seeds_and_streaming(client: Client, bundle: Path, local) -> None:
-    plot, gallery, timings, data = _sample(client, bundle, seed=3)
+    plot, gallery, timings, data, *_ = _sample(client, bundle, seed=3)
     assert plot["type"] == "plotly" and "stage 1" in timings and "tokens/s" in timings
     imgs = [_png(g["image"]) for g in gallery]
     assert len(imgs) == 3 and all(i.shape == (16, 16, 3) for i in imgs)
@@ -210,8 +219,8 @@ def test_tokenize(client: Client, bundle: Path, local, tmp_path: Path) -> None:
 def test_complete_keeps_the_top_rows(client: Client, bundle: Path, local, tmp_path: Path) -> None:
     rgb = np.random.default_rng(2).integers(0, 256, (16, 16, 3), dtype=np.uint8)
     f = _save(Image.fromarray(rgb), tmp_path / "half.png")
-    plot, gallery, info, data = client.predict(handle_file(f), None, 50, 3, "class 0", 7, 1.0, 0, 1.0, True,
-                                               str(bundle), api_name="/complete")
+    plot, gallery, info, data, *_ = client.predict(handle_file(f), None, 50, 3, "class 0", 7, 1.0, 0, 1.0, True,
+                                                   str(bundle), api_name="/complete")
     assert data["keep_rows"] == 2 and len(gallery) == 4 and "top 2 of 4 token rows" in info
     toks = np.asarray(data["disc_tokens"])
     assert toks.shape == (3, 4, 4) and (toks[:, :2] == local.tokenize(rgb[None])[0][:, :2]).all()
@@ -224,9 +233,26 @@ def test_complete_keeps_the_top_rows(client: Client, bundle: Path, local, tmp_pa
                           api_name="/complete")[3]["keep_rows"] == 3
 
 
+def test_compare_model_runs_the_same_request_on_the_vq_ar_twin(client: Client, bundle: Path) -> None:
+    twin = load_bundle(bundle.parent / "tiny-vq", device="cpu", threads=1)
+    data = _sample(client, bundle, 6, compare_model="exported/tiny-vq")[3]
+    assert data["compare"]["tokens"] == "vq" and data["compare"]["model"] == "tiny-vq"
+    ref = twin.generate([1, 1, 1], seed=6, temperature=1.0, top_k=0, top_p=1.0, cfg=1.0)
+    assert data["compare"]["disc_tokens"] == ref.disc_tokens.tolist()    # same class, seed and settings
+    out = client.predict(None, "sample 0: class 0", 50, 2, "class 0", 3, 1.0, 0, 1.0, False, str(bundle),
+                         "exported/tiny-vq", api_name="/complete")
+    assert out[3]["compare"]["keep_rows"] == out[3]["keep_rows"] == 2 and len(out[5]) == 3   # original + 2
+    *_, numbers, other = client.predict(None, "sample 1: class 1", 5.0, 0, str(bundle), "exported/tiny-vq",
+                                        api_name="/stability")
+    assert numbers["compare"]["disc_change_rate"] is None and numbers["compare"]["vq_changed"] == numbers["vq_changed"]
+    assert other is not None
+    with pytest.raises(Exception, match="unknown model"):
+        _sample(client, bundle, 0, compare_model="/etc")
+
+
 def test_stability(client: Client, bundle: Path) -> None:
-    pair, dmap, vmap, rates, curve, data = client.predict(None, "sample 1: class 1", 5.0, 0, str(bundle),
-                                                         api_name="/stability")
+    pair, dmap, vmap, rates, curve, data, _ = client.predict(None, "sample 1: class 1", 5.0, 0, str(bundle),
+                                                            api_name="/stability")
     assert 0 <= data["disc_change_rate"] <= 1 and 0 <= data["vq_change_rate"] <= 1 and -1 <= data["disc_cos_sim"] <= 1
     assert np.asarray(data["disc_changed"]).shape == (4, 4) and np.asarray(data["vq_changed"]).shape == (4, 4)
     assert np.mean(data["disc_changed"]) == pytest.approx(data["disc_change_rate"])
@@ -308,7 +334,7 @@ def test_forty_concurrent_clients_get_complete_files(server, bundle: Path) -> No
     seeds = [7 if i % 2 else 100 + i for i in range(40)]          # half the same request, half each its own
 
     def one(i: int):
-        _, gallery, _, data = _sample(clients[i], bundle, seed=seeds[i], cls="random", n=2)
+        _, gallery, _, data, *_ = _sample(clients[i], bundle, seed=seeds[i], cls="random", n=2)
         return data, [_png(g["image"]) for g in gallery]
 
     results = []

@@ -54,6 +54,12 @@ def _last(gen):
     return out, out[-1]
 
 
+def _final(outs: list[tuple]) -> tuple:
+    """What each output shows when a stream has ended: its last value that was not a skip."""
+    skip = gr.skip()
+    return tuple(next((o[i] for o in reversed(outs) if o[i] != skip), None) for i in range(len(outs[0])))
+
+
 # -- the request policies (digit_core.demo) ---------------------------------------------------------
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), 2.5, "3", True, None, -1, 17])
 def test_integers_name_the_parameter(value) -> None:
@@ -127,7 +133,8 @@ def test_the_last_choice_wins(registry: common.Registry, tmp_path: Path) -> None
 
 # -- the handlers -------------------------------------------------------------------------------------
 def test_generate_clears_the_last_run_then_streams(registry: common.Registry, bundle: Path) -> None:
-    out, (fig, pics, timing, data, state) = _last(generate.sample("class 1", 3, 1.0, 0, 1.0, 1.0, 5, "id", None))
+    out, (fig, pics, timing, data, state, fig2, pics2) = _last(generate.sample("class 1", 3, 1.0, 0, 1.0, 1.0, 5, "id", None))
+    assert out[0][5] is None and out[0][6] == [] and "compare" not in data   # no comparison asked for
     first = out[0]
     assert first[1] == [] and first[3] is None and "starting" in first[2]   # the previous images go first
     assert len(pics) == 3 and all(Image.open(p).size == (16, 16) for p, _ in pics)
@@ -168,8 +175,8 @@ def test_tokenize_and_cell_clicks(registry: common.Registry) -> None:
 
 def test_complete_label_and_rate(registry: common.Registry) -> None:
     m = registry.get(None)
-    out, (fig, pics, info, data) = _last(complete.complete(None, m.example_names()[0], 50, 2, "class 0", 1,
-                                                           1.0, 0, 1.0, True, None))
+    out, (fig, pics, info, data, *_) = _last(complete.complete(None, m.example_names()[0], 50, 2, "class 0", 1,
+                                                               1.0, 0, 1.0, True, None))
     assert out[0][1] == [] and data["keep_rows"] == 2 and len(pics) == 3
     assert "re-rendered from its tokens" in info and all("re-rendered" in c for _, c in pics[1:])
     t1 = data["timings"]["stage1"]
@@ -178,7 +185,8 @@ def test_complete_label_and_rate(registry: common.Registry) -> None:
 
 def test_stability_marks_the_current_image(registry: common.Registry) -> None:
     m = registry.get(None)
-    pair, dmap, vmap, rates, curve, data = stability.stability(None, m.example_names()[0], 7.5, 0, None)
+    pair, dmap, vmap, rates, curve, data, other = stability.stability(None, m.example_names()[0], 7.5, 0, None)
+    assert other is None and "compare" not in data
     stars = [t for t in curve.data if t.name.endswith("this image")]
     assert [t.x[0] for t in stars] == ["7.5", "7.5"] and stars[1].y[0] == data["disc_change_rate"]
     assert "7.5 dB" in rates
@@ -259,10 +267,10 @@ def test_a_colour_upload_shows_the_grey_image_the_model_sees(fmnist: demo.Model,
     grey = lambda a: np.asarray(a)[..., 0] == np.asarray(a)[..., 2]  # noqa: E731
     overlay, *_, note, _, _ = explore.tokenize(str(f), None, None)
     assert grey(Image.open(overlay).convert("RGB")).mean() > 0.7 and demo.GREY_NOTE in note   # grid lines are red
-    fig, pics, info, data = _last(complete.complete(str(f), None, 50, 1, None, 0, live=False))[1]
+    fig, pics, info, data, *_ = _last(complete.complete(str(f), None, 50, 1, None, 0, live=False))[1]
     original = np.asarray(Image.open(pics[0][0]).convert("RGB"))
     assert grey(original[: original.shape[0] // 2 - 2]).all() and "grey" in pics[0][1] and demo.GREY_NOTE in info
-    pair, *_, rates, _, _ = stability.stability(str(f), None, 10.0, 0, None)
+    pair, *_, rates, _, _, _ = stability.stability(str(f), None, 10.0, 0, None)
     clean = np.asarray(Image.open(pair).convert("RGB"))[:, :256]
     assert grey(clean).all() and demo.GREY_NOTE in rates
     assert not grey(rgb).all()                                   # what was uploaded was not grey
@@ -408,3 +416,78 @@ def test_header_says_how_the_encoder_was_trained() -> None:
     assert "**with the labels**" in encoder_line(e) and "not self-supervised" in encoder_line(e)
     e.objective, e.labels = "", None
     assert "not recorded" in encoder_line(e)
+
+
+# -- DiGIT and the VQ-AR baseline side by side ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> common.Registry:
+    """A bundles folder with a tiny DiGIT and its VQ-AR twin (same VQGAN, graphs shared)."""
+    from digit_core.presets import our_layout, vq_baseline
+    root = tmp_path_factory.mktemp("pair")
+    torch.manual_seed(1)
+    digit = DiGIT(tiny(3))
+    with torch.no_grad():
+        digit.codebook.set_centroids(torch.randn(16, 32) * 0.3)
+    c, gpt = digit.config, dict(n_layer=2, n_head=2, d_model=32, d_ff=64)
+    vq = DiGIT(vq_baseline(our_layout("tiny-vq", 16, 3, c.encoder, c.vqgan.n_embed, c.vqgan, 3, gpt, gpt,
+                                      list(c.class_names))))
+    vq.vqgan.load_state_dict(digit.vqgan.state_dict())
+    export_bundle(digit, root / "tiny", weights="float16")
+    export_bundle(vq, root / "tiny-vq", weights="float16", share_with=root / "tiny")
+    export_bundle(DiGIT(tiny(4)), root / "four-classes")
+    r = common.Registry(str(root / "tiny"), "cpu", 1, root)
+    common.use(r)
+    yield r
+    common.use(None)
+
+
+def test_generate_compares_digit_with_vq_ar_live(pair: common.Registry) -> None:
+    out = list(generate.sample("class 2", 2, None, None, None, None, 4, "id", "exported/tiny", "exported/tiny-vq"))
+    fig, pics, timing, data, state, fig2, pics2 = _final(out)
+    assert data["tokens"] == "disc" and data["compare"]["tokens"] == "vq" and data["compare"]["class_ids"] == [2, 2]
+    assert data["compare"]["seed"] == data["seed"] == 4
+    assert len(pics2) == 2 and "tiny-vq" in timing and "no stage 2" in timing
+    assert out[0][5] is not None                                   # the second grid is drawn from the start
+    skip = gr.skip()
+    assert any(o[0] == skip and o[5] != skip and o[6] == skip for o in out[1:]), "the compared grid fills in live"
+    ref = pair.get("exported/tiny-vq").flows.generate([2, 2], seed=4)
+    assert data["compare"]["disc_tokens"] == ref.disc_tokens.tolist()   # the same request, run on the twin
+
+
+def test_complete_and_stability_compare(pair: common.Registry) -> None:
+    m = pair.get("exported/tiny")
+    name = m.example_names()[0]
+    fig, pics, info, data, fig2, pics2 = _final(list(complete.complete(None, name, 25, 2, "class 0", 3, None, None, None,
+                                                                       False, "exported/tiny", "exported/tiny-vq")))
+    vq = pair.get("exported/tiny-vq").flows
+    kept = vq.vq_tokenize(m.example(name)[None])[0][:1]
+    assert data["compare"]["tokens"] == "vq" and np.array_equal(np.asarray(data["compare"]["disc_tokens"])[:, :1],
+                                                                 np.repeat(kept[None], 2, 0))
+    assert len(pics2) == 3 and fig2 is not None
+    *_, rates, curve, numbers, other = stability.stability(None, name, 5.0, 0, "exported/tiny", "exported/tiny-vq")
+    assert numbers["compare"]["disc_change_rate"] is None and 0 <= numbers["compare"]["vq_change_rate"] <= 1
+    assert numbers["compare"]["vq_changed"] == numbers["vq_changed"]   # one VQGAN: the same noise, the same codes
+    assert "tiny-vq" in rates and other is not None
+    column, caption = common.compare_caption("exported/tiny", "exported/tiny-vq")
+    assert column["visible"] and "VQ-AR baseline" in caption["value"] and "drifts" in caption["value"]
+    assert common.compare_caption("exported/tiny", common.NO_COMPARE)[0]["visible"] is False
+
+
+def test_vq_ar_bundle_as_the_model(pair: common.Registry) -> None:
+    m = pair.get("exported/tiny-vq")
+    name = m.example_names()[0]
+    pair_, dmap, vmap, rates, curve, data, _ = stability.stability(None, name, 5.0, 0, "exported/tiny-vq")
+    assert dmap is None and data["disc_change_rate"] is None and "no discriminative tokens" in rates
+    assert [t.name for t in curve.data if "this model" in t.name] == ["VQ tokens (this model)"]
+    assert explore.initial("exported/tiny-vq") == tuple(gr.skip() for _ in range(7))
+    with pytest.raises(gr.Error, match="VQ-token model"):
+        explore.tokenize(None, name, "exported/tiny-vq")
+    from app import summary
+    assert "VQ-AR baseline" in summary(m) and "no discriminative encoder" in summary(m)
+
+
+def test_compare_needs_the_same_classes(pair: common.Registry) -> None:
+    with pytest.raises(gr.Error, match="cannot compare tiny with tiny"):
+        list(generate.sample("class 0", 1, None, None, None, None, 0, "id", "exported/tiny", "exported/four-classes"))
+    with pytest.raises(gr.Error, match="unknown model"):
+        list(generate.sample("class 0", 1, None, None, None, None, 0, "id", "exported/tiny", "/etc"))
