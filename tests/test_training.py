@@ -297,6 +297,19 @@ def test_fmnist_script_runs_every_stage_to_a_bundle_and_assets(tmp_path: Path, f
     assert bundle.sample([0, 1], seed=0).shape == (2, 16, 16, 3)
     assert len(list((tmp_path / "assets/examples/bundle").glob("*.png"))) > 0
     assert (tmp_path / "assets/clusters/bundle/sizes.json").is_file()
+    # the VQ-AR baseline beside it: the same stage-1 recipe on the VQGAN's ids, sharing its VQ graphs
+    env |= {"BASE": str(tmp_path / "bundle"), "BUNDLE": str(tmp_path / "bundle-vq")}
+    r = subprocess.run(["bash", "training/fmnist_vq.sh", "--seed=1"], check=False, cwd=REPO, env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    vq = load_bundle(tmp_path / "bundle-vq", device="cpu", threads=1)
+    assert vq.config.is_vq and vq.manifest["graphs"]["vq_decoder"] == "../bundle/vq_decoder.onnx"
+    from digit_core.weights import round_weights_to_half
+    from training.assemble import vq_model
+    ref = round_weights_to_half(vq_model(tmp_path / "run/stage1_vq/stage1.safetensors",
+                                         tmp_path / "bundle/vqgan.safetensors"))
+    a, b = vq.generate([0, 1, 2], seed=2), ref.generate([0, 1, 2], seed=2)
+    assert np.array_equal(a.vq_tokens, b.vq_tokens) and np.abs(a.images.astype(int) - b.images).max() <= 1
 
 
 @pytest.mark.parametrize("stage", ["ssl", "features", "kmeans", "vqgan", "stage1", "stage2", "assemble", "evaluate",
