@@ -191,6 +191,7 @@ class SamplingConfig:
 
 
 TOKENS = ("disc", "vq")
+LAYOUTS = ("ours", "fairseq")   # how the token ids are numbered: digit_core.layout, presets.our_layout / fairseq_layout
 
 
 @dataclass
@@ -206,6 +207,7 @@ class DiGITConfig:
     image_size: int = 32
     channels: int = 3              # 1 for grey data (returned as 3 equal channels)
     tokens: str = "disc"           # what stage 1 generates: "disc" (DiGIT) or "vq" (VQ-AR baseline)
+    layout: str = "ours"           # the token layout that numbers the ids: "ours" or "fairseq" (the official models)
     encoder: EncoderConfig | None = field(default_factory=EncoderConfig)
     codebook: CodebookConfig | None = field(default_factory=CodebookConfig)
     vqgan: VQGANConfig = field(default_factory=VQGANConfig)
@@ -250,6 +252,8 @@ class DiGITConfig:
         """Raise ConfigError naming the first inconsistency between the parts."""
         if self.tokens not in TOKENS:
             raise ConfigError(f"{self.name}: tokens must be one of {TOKENS}, got {self.tokens!r}")
+        if self.layout not in LAYOUTS:
+            raise ConfigError(f"{self.name}: layout must be one of {LAYOUTS}, got {self.layout!r}")
         parts = {"encoder": self.encoder, "codebook": self.codebook, "stage2": self.stage2}
         if self.is_vq:
             extra = [k for k, v in parts.items() if v is not None]

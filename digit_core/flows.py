@@ -27,6 +27,7 @@ from typing import Callable
 
 import numpy as np
 
+from . import layout
 from .config import DiGITConfig
 from .sampling import (Sampler, check_cfg, check_number, check_seed, check_temperature, check_top_k, check_top_p,
                        guide, row_generators, softmax)
@@ -278,7 +279,7 @@ class Flows(ABC):
             if len(classes) != N:
                 raise ValueError(f"{len(classes)} class_ids for {N} images")
         elif s1.null_class_id is not None:
-            classes = np.full(N, s1.null_class_id - s1.class_offset, dtype=np.int64)
+            classes = None   # the null class: stage 1's first token says "no label"
             no_guidance = "a completion without a class is conditioned on the null class: there is nothing to guide"
         else:
             raise ValueError("this class-conditional model has no null class: pass class_ids")
@@ -287,15 +288,17 @@ class Flows(ABC):
             stage2_temperature=stage2_temperature, stage2_top_k=stage2_top_k, stage2_top_p=stage2_top_p)
         encode = self.encode_vq if self.config.is_vq else self.encode_disc   # the stage-1 tokens of the images
         codes = encode(images)[0].reshape(N, -1)[:, : keep_rows * grid]
-        return self._generate(classes, N, codes, seed, settings, on_token)
+        null = classes is None and s1.num_classes > 0
+        return self._generate(classes, N, codes, seed, settings, on_token, null=null)
 
     def _generate(self, classes: np.ndarray | None, B: int, prefix: np.ndarray | None, seed: int,
-                  settings: SamplingSettings, on_token: OnToken | None) -> Generation:
+                  settings: SamplingSettings, on_token: OnToken | None, null: bool = False) -> Generation:
         st = settings
         cfg = st.cfg if st.cfg != 1.0 else None   # scale 1 is the plain conditional: skip the null-class rows
         rngs = row_generators(seed, B)
         t0 = time.perf_counter()
-        codes, probs = self._stage1(classes, B, Sampler(st.temperature, st.top_k, st.top_p), rngs, cfg, on_token, prefix)
+        first = layout.first_tokens(self.config.stage1, classes, B, null=null)
+        codes, probs = self._stage1(first, Sampler(st.temperature, st.top_k, st.top_p), rngs, cfg, on_token, prefix)
         t1 = time.perf_counter()
         vq = codes if self.config.is_vq else self._stage2(
             codes, Sampler(st.stage2_temperature, st.stage2_top_k, st.stage2_top_p), rngs)
@@ -307,19 +310,13 @@ class Flows(ABC):
                           {"stage1": t1 - t0, "stage2": t2 - t1, "decode": t3 - t2})
 
     # -- the two autoregressive stages ------------------------------------------------------------
-    def _first_tokens(self, classes: np.ndarray | None, B: int) -> np.ndarray:
-        s1 = self.config.stage1
-        if classes is None:
-            return np.full((B, 1), s1.bos_id, dtype=np.int64)
-        return (s1.class_offset + classes).reshape(B, 1).astype(np.int64)
-
-    def _stage1(self, classes: np.ndarray | None, B: int, sampler: Sampler, rngs: list[np.random.Generator],
-                cfg: float | None, on_token: OnToken | None, prefix: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    def _stage1(self, first: np.ndarray, sampler: Sampler, rngs: list[np.random.Generator], cfg: float | None,
+                on_token: OnToken | None, prefix: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Stage 1 from its first tokens ``[B, 1]`` (and a kept prefix of codes), guided by ``cfg``."""
         s1, g = self.config.stage1, self.config.stage1.gpt
-        N = self.config.disc_grid ** 2
-        first = self._first_tokens(classes, B)
+        B, N, codes_of = first.shape[0], self.config.disc_grid ** 2, layout.code_slice(g)
         if cfg is not None:   # one batch of 2B rows: conditional rows, then null-class rows
-            first = np.concatenate([first, np.full((B, 1), s1.null_class_id, dtype=np.int64)])
+            first = np.concatenate([first, layout.first_tokens(s1, None, B, null=True)])
         rows = first.shape[0]
         known = np.zeros((B, 0), dtype=np.int64) if prefix is None else np.asarray(prefix, dtype=np.int64)
         if known.shape[0] != B or known.shape[1] >= N or (known.size and (known.min() < 0 or known.max() >= g.num_out)):
@@ -328,10 +325,10 @@ class Flows(ABC):
         codes = np.zeros((B, N), dtype=np.int64)
         probs = np.ones((B, N), dtype=np.float32)
         codes[:, : known.shape[1]] = known
-        inp = np.concatenate([first, np.tile(known, (rows // B, 1)) + s1.code_offset], axis=1)
+        inp = layout.stage1_input(s1, first, np.tile(known, (rows // B, 1)))
         pos = 0
         for t in range(known.shape[1], N):
-            logits = step(inp, pos)[:, g.out_offset: g.out_offset + g.num_out].astype(np.float32)
+            logits = step(inp, pos)[:, codes_of].astype(np.float32)
             pos += inp.shape[1]
             if cfg is not None:
                 logits = guide(logits[:B], logits[B:], cfg)
@@ -340,21 +337,21 @@ class Flows(ABC):
             probs[:, t] = _chosen_prob(logits, tok, sampler.temperature)
             if on_token is not None:
                 on_token(t, codes[:, : t + 1].copy())
-            inp = np.tile(tok[:, None] + s1.code_offset, (rows // B, 1))
+            inp = np.tile(layout.stage1_codes(s1, tok[:, None]), (rows // B, 1))
         return codes, probs
 
     def _stage2(self, codes: np.ndarray, sampler: Sampler, rngs: list[np.random.Generator]) -> np.ndarray:
         s2, g = self.config.stage2, self.config.stage2.gpt
         B, M = codes.shape[0], self.config.vq_grid ** 2
         step = self.open_stage2(B)
-        inp = np.concatenate([codes + s2.disc_offset, np.full((B, 1), s2.sep_id, dtype=np.int64)], axis=1)
+        inp = layout.stage2_prefix(s2, codes)
         out = np.zeros((B, M), dtype=np.int64)
         pos = 0
         for t in range(M):
-            logits = step(inp, pos)[:, g.out_offset: g.out_offset + g.num_out].astype(np.float32)
+            logits = step(inp, pos)[:, layout.code_slice(g)].astype(np.float32)
             pos += inp.shape[1]
             out[:, t] = sampler(logits, rngs)
-            inp = (out[:, t: t + 1] + s2.vq_offset)
+            inp = layout.stage2_codes(s2, out[:, t: t + 1])
         return out
 
 

@@ -167,7 +167,7 @@ def fairseq_layout(
         vq_offset=sp, disc_offset=vq_dict + sp, sep_id=FAIRSEQ_EOS,
     )
     return DiGITConfig(
-        name=name, image_size=encoder.image_size, channels=3, encoder=encoder,
+        name=name, image_size=encoder.image_size, channels=3, encoder=encoder, layout="fairseq",
         codebook=CodebookConfig(size=K, dim=encoder.width), vqgan=vqgan, stage1=s1, stage2=s2,
         sampling=sampling or SamplingConfig(), class_names=list(class_names or []),
     ).validate()

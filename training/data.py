@@ -6,7 +6,7 @@ import torch
 from torch.utils.data import Dataset
 
 from digit_core.config import ConfigError, DiGITConfig
-from digit_core.presets import FAIRSEQ_SPECIALS, fairseq_layout, our_layout, preset
+from digit_core.presets import fairseq_layout, our_layout, preset
 from digit_core.pipeline import output_to_images
 from training.config import RunConfig
 
@@ -24,7 +24,7 @@ def model_config(cfg: RunConfig, class_names: list[str]) -> DiGITConfig:
     if len(names) != m.stage1.num_classes or K != m.codebook.size:
         keep = ("n_layer", "n_head", "d_model", "d_ff")
         gpt1, gpt2 = ({k: getattr(g, k) for k in keep} for g in (m.stage1.gpt, m.stage2.gpt))
-        if m.stage1.code_offset == FAIRSEQ_SPECIALS:   # the official layout (ImageNet presets)
+        if m.layout == "fairseq":   # the official layout (ImageNet presets)
             gpt1["max_len"], gpt2["max_len"] = m.stage1.gpt.max_len, m.stage2.gpt.max_len
             m = fairseq_layout(m.name, m.encoder, K, m.vqgan, len(names), gpt1, gpt2, sampling=m.sampling)
         else:

@@ -24,6 +24,7 @@ from typing import ClassVar
 
 import torch
 
+from digit_core import layout
 from digit_core.config import ConfigError, DiGITConfig
 from digit_core.gpt import GPT
 from digit_core.presets import vq_baseline
@@ -93,14 +94,14 @@ def main(argv: list[str] | None = None) -> None:
     tr.resume()
 
     def inputs(codes: torch.Tensor, labels: torch.Tensor, drop: float) -> torch.Tensor:
-        """``[first, t_1 .. t_{N-1}]`` with ids in the stage-1 vocabulary."""
+        """``[first, t_1 .. t_{N-1}]`` with ids in the stage-1 vocabulary (``digit_core.layout``)."""
         if s1.num_classes:
-            first = s1.class_offset + labels
+            first = layout.class_tokens(s1, labels)
             if drop > 0:
                 first = torch.where(torch.rand(labels.shape, device=labels.device) < drop, s1.null_class_id, first)
         else:
             first = torch.full_like(labels, s1.bos_id)
-        return torch.cat([first[:, None], codes[:, :-1] + s1.code_offset], 1)
+        return layout.stage1_input(s1, first[:, None], codes[:, :-1])
 
     batches = tr.batches(train_tokens)
     for step in tr.loop():

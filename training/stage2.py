@@ -17,6 +17,7 @@ from typing import ClassVar
 
 import torch
 
+from digit_core import layout
 from digit_core.gpt import GPT
 from training.config import TrainConfig, parse_config
 from training.data import load_data
@@ -57,9 +58,8 @@ def main(argv: list[str] | None = None) -> None:
     tr.resume()
 
     def inputs(disc: torch.Tensor, vq: torch.Tensor) -> torch.Tensor:
-        """``[d + disc_offset, sep, v_1 .. v_{M-1} + vq_offset]``."""
-        sep = torch.full_like(vq[:, :1], s2.sep_id)
-        return torch.cat([disc + s2.disc_offset, sep, vq[:, :-1] + s2.vq_offset], 1)
+        """``[d + disc_offset, sep, v_1 .. v_{M-1} + vq_offset]`` (``digit_core.layout``)."""
+        return layout.stage2_input(s2, disc, vq)
 
     batches = tr.batches(train_tokens)
     for step in tr.loop():
@@ -88,7 +88,7 @@ def evaluate(tr: Trainer, tokens: TokenDataset, inputs, N: int, g, n_batches: in
         with tr.autocast():
             logits = model(inputs(disc, vq))[:, N:]
         losses.append(code_loss(logits, vq, g).item())
-        correct += (logits[..., g.out_offset: g.out_offset + g.num_out].argmax(-1) == vq).sum().item()
+        correct += (logits[..., layout.code_slice(g)].argmax(-1) == vq).sum().item()
         total += vq.numel()
     return {"val_loss": sum(losses) / len(losses), "val_token_acc": correct / total}
 

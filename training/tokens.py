@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from digit_core import layout
 from digit_core.config import DiGITConfig
 from digit_core.pipeline import to_channels
 from training.data import load_data
@@ -152,5 +153,5 @@ def token_datasets(tr: Trainer, cfg: Any, data: Dataset, tokenizers: dict[str, T
 
 def code_loss(logits: torch.Tensor, targets: torch.Tensor, g: Any, smoothing: float = 0.0) -> torch.Tensor:
     """Cross-entropy over the code slice ``[out_offset, out_offset + num_out)`` of the logits."""
-    z = logits[..., g.out_offset: g.out_offset + g.num_out].float()
+    z = logits[..., layout.code_slice(g)].float()
     return torch.nn.functional.cross_entropy(z.flatten(0, -2), targets.flatten(), label_smoothing=smoothing)

@@ -21,6 +21,7 @@ import numpy as np
 import plotly.graph_objects as go
 import torch
 
+from digit_core import layout
 from digit_core.config import DiGITConfig
 from digit_core.pipeline import DiGIT
 from training.analyses.common import Context, Section, batched, fmt, probe_accuracy, table
@@ -52,7 +53,7 @@ def layer_features(model: DiGIT, images: np.ndarray, batch: int) -> list[np.ndar
 
     def one(x: np.ndarray) -> list[np.ndarray]:
         codes = torch.from_numpy(model.tokenize(x)[0].reshape(len(x), -1)).to(model.device)
-        idx = torch.cat([torch.full_like(codes[:, :1], first), codes[:, :-1] + s1.code_offset], 1)
+        idx = layout.stage1_input(s1, torch.full_like(codes[:, :1], first), codes[:, :-1])
         return [h.float().mean(1).cpu().numpy() for h in model.stage1.hidden_states(idx)]
 
     parts = batched(one, images, batch)
@@ -60,12 +61,10 @@ def layer_features(model: DiGIT, images: np.ndarray, batch: int) -> list[np.ndar
 
 
 def encoder_kind(cfg: DiGITConfig) -> str:
-    """A short name of how the encoder was trained, from its recorded source: e.g. "supervised"
-    or "contrastive" (the ``objective=`` the ssl stage wrote), else the source itself."""
-    src = cfg.encoder.source
-    if "objective=" in src:
-        return src.split("objective=", 1)[1].split(",")[0].split(")")[0].split(";")[0].strip()
-    return src or "encoder of unknown training"
+    """A short name of how the encoder was trained: its recorded ``objective`` (e.g. "supervised",
+    "vicreg_dense"), else its free-text source."""
+    e = cfg.encoder
+    return e.objective or e.source or "encoder of unknown training"
 
 
 def probe_model(root: Path, device: torch.device) -> DiGIT:
