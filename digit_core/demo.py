@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -361,60 +359,3 @@ def cell_at(index: Any, grid: int, side: int) -> tuple[int, int]:
         raise ValueError(f"a click position must be [x, y], got {index!r:.40}")
     x, y = (integer(name, v, 0, side - 1) for name, v in zip(("x", "y"), index[:2]))
     return y * grid // side, x * grid // side
-
-
-# -- streaming -----------------------------------------------------------------------------------------
-class _Cancelled(Exception):
-    pass
-
-
-def stream(run: Callable[..., Any], min_interval: float = 0.05) -> Iterator[tuple[str, Any]]:
-    """Run ``run(on_token=...)`` in a thread; yield ``("token", codes_so_far)`` as stage 1 goes
-    (at most one per ``min_interval`` seconds, but always the last), then ``("done", result)``.
-    Errors are re-raised here; closing the iterator (the user left) stops the worker at its next token."""
-    for _, kind, value in stream_many([run], min_interval):
-        yield kind, value
-
-
-def stream_many(runs: list[Callable[..., Any]], min_interval: float = 0.05) -> Iterator[tuple[int, str, Any]]:
-    """``stream`` for several runs at once, each in its own thread (a comparison of two models
-    fills both token grids side by side): ``(run index, kind, value)``, every run's ``"done"``
-    included. The first error is re-raised; closing the iterator stops every worker."""
-    q: queue.Queue = queue.Queue()
-    stop = threading.Event()
-
-    def work(i: int, run: Callable[..., Any]) -> None:
-        def on_token(step: int, codes: np.ndarray) -> None:
-            if stop.is_set():
-                raise _Cancelled
-            q.put((i, "token", codes))
-        try:
-            q.put((i, "done", run(on_token=on_token)))
-        except _Cancelled:
-            pass
-        except BaseException as err:  # handed to the consumer
-            q.put((i, "error", err))
-
-    for i, run in enumerate(runs):
-        threading.Thread(target=work, args=(i, run), daemon=True, name=f"digit-flow-{i}").start()
-    last: dict[int, Any] = {}
-    t_last, running = 0.0, len(runs)
-    try:
-        while running:
-            i, kind, value = q.get()
-            if kind == "token":
-                last[i] = value
-                if q.empty() and time.perf_counter() - t_last >= min_interval:
-                    t_last = time.perf_counter()
-                    for j in sorted(last):
-                        yield j, "token", last[j]
-                    last.clear()
-                continue
-            if i in last:
-                yield i, "token", last.pop(i)
-            if kind == "error":
-                raise value
-            running -= 1
-            yield i, kind, value
-    finally:
-        stop.set()

@@ -8,7 +8,7 @@ from typing import Any
 
 import gradio as gr
 
-from digit_core import demo, ood, viz
+from digit_core import demo, ood, streaming, viz
 
 from . import common, generate
 
@@ -73,7 +73,7 @@ def complete(image: str | None, example: str | None, keep_percent: float = DEFAU
     yield (generate.empty_figure(m, B), [], live_info + " · starting …", None,
            generate.empty_figure(m2, B) if m2 else None, [])
     done: dict[int, tuple] = {}
-    for i, kind, value in demo.stream_many(runs):
+    for i, kind, value in streaming.stream_many(runs):
         x = models[i]
         if kind == "token":
             if live:

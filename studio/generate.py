@@ -9,7 +9,7 @@ from typing import Any
 import gradio as gr
 import numpy as np
 
-from digit_core import demo, viz
+from digit_core import demo, streaming, viz
 
 from . import common
 
@@ -72,7 +72,7 @@ def sample(class_name: str | None, num_samples: float, temperature: float | None
     yield (empty_figure(m, B), [], "stage 1: starting …", None, None,
            empty_figure(m2, B) if m2 else None, [])
     done: dict[int, tuple] = {}
-    for i, kind, value in demo.stream_many(runs):
+    for i, kind, value in streaming.stream_many(runs):
         x, c = models[i], models[i].config
         if kind == "token":
             fig = viz.generation_figure(demo.pad_grid(value, c.disc_grid), None, c.stage1_vocab, title=title(x),
