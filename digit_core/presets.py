@@ -90,8 +90,7 @@ def fmnist_small() -> DiGITConfig:
         # narrow MLP keeps the bundle + committed stage weights under the 60 MB the repo allows
         gpt2=dict(n_layer=4, n_head=8, d_model=256, d_ff=512),
         class_names=FMNIST_CLASSES,
-        # measured on 1000 samples (the evaluation's classifier): class accuracy 0.82 at cfg 1.5,
-        # 0.89 at 2.5, 0.92 at 3.5, 0.93 at 2.5 with top-k 100
+        # the label-trained model's defaults (its evaluation: reports/fmnist-supervised-eval)
         sampling=SamplingConfig(temperature=1.0, top_k=100, top_p=None, cfg=2.5),
     )
 
@@ -99,7 +98,7 @@ def fmnist_small() -> DiGITConfig:
 def fmnist_conv() -> DiGITConfig:
     """``fmnist`` with a convolutional stem in the encoder: the self-supervised variant, since a
     linear-patchify ViT does not learn useful features from scratch within a 2-core CPU budget
-    (training/ssl.py has the measured curves)."""
+    (the curves: weights/fmnist/attempts/ and reports/fmnist/ssl_type.md)."""
     m = fmnist_small()
     m.name, m.encoder.stem = "fmnist-conv", "conv"
     return m.validate()
