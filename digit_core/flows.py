@@ -294,11 +294,11 @@ class Flows(ABC):
     def _generate(self, classes: np.ndarray | None, B: int, prefix: np.ndarray | None, seed: int,
                   settings: SamplingSettings, on_token: OnToken | None, null: bool = False) -> Generation:
         st = settings
-        cfg = st.cfg if st.cfg != 1.0 else None   # scale 1 is the plain conditional: skip the null-class rows
+        cfg_scale = st.cfg if st.cfg != 1.0 else None   # scale 1 is the plain conditional: skip the null-class rows
         rngs = row_generators(seed, B)
         t0 = time.perf_counter()
         first = layout.first_tokens(self.config.stage1, classes, B, null=null)
-        codes, probs = self._stage1(first, Sampler(st.temperature, st.top_k, st.top_p), rngs, cfg, on_token, prefix)
+        codes, probs = self._stage1(first, Sampler(st.temperature, st.top_k, st.top_p), rngs, cfg_scale, on_token, prefix)
         t1 = time.perf_counter()
         vq = codes if self.config.is_vq else self._stage2(
             codes, Sampler(st.stage2_temperature, st.stage2_top_k, st.stage2_top_p), rngs)
@@ -310,12 +310,13 @@ class Flows(ABC):
                           {"stage1": t1 - t0, "stage2": t2 - t1, "decode": t3 - t2})
 
     # -- the two autoregressive stages ------------------------------------------------------------
-    def _stage1(self, first: np.ndarray, sampler: Sampler, rngs: list[np.random.Generator], cfg: float | None,
+    def _stage1(self, first: np.ndarray, sampler: Sampler, rngs: list[np.random.Generator], cfg_scale: float | None,
                 on_token: OnToken | None, prefix: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        """Stage 1 from its first tokens ``[B, 1]`` (and a kept prefix of codes), guided by ``cfg``."""
+        """Stage 1 from its first tokens ``[B, 1]`` (and a kept prefix of codes), guided with scale
+        ``cfg_scale`` (None: unguided)."""
         s1, g = self.config.stage1, self.config.stage1.gpt
         B, N, codes_of = first.shape[0], self.config.disc_grid ** 2, layout.code_slice(g)
-        if cfg is not None:   # one batch of 2B rows: conditional rows, then null-class rows
+        if cfg_scale is not None:   # one batch of 2B rows: conditional rows, then null-class rows
             first = np.concatenate([first, layout.first_tokens(s1, None, B, null=True)])
         rows = first.shape[0]
         known = np.zeros((B, 0), dtype=np.int64) if prefix is None else np.asarray(prefix, dtype=np.int64)
@@ -330,8 +331,8 @@ class Flows(ABC):
         for t in range(known.shape[1], N):
             logits = step(inp, pos)[:, codes_of].astype(np.float32)
             pos += inp.shape[1]
-            if cfg is not None:
-                logits = guide(logits[:B], logits[B:], cfg)
+            if cfg_scale is not None:
+                logits = guide(logits[:B], logits[B:], cfg_scale)
             tok = sampler(logits, rngs)
             codes[:, t] = tok
             probs[:, t] = _chosen_prob(logits, tok, sampler.temperature)
