@@ -313,9 +313,16 @@ def compare_caption(model_name: str | None, compare_name: str | None) -> tuple[d
     return gr.update(visible=True), gr.update(visible=True, value=COMPARE_NOTE + "\n" + "\n".join(lines))
 
 
-def wire_compare(compare: gr.Dropdown, model_dd: gr.Dropdown, column: gr.Column, caption: gr.Markdown) -> None:
+def wire_compare(compare: gr.Dropdown, model_dd: gr.Dropdown, column: gr.Column | gr.Row, caption: gr.Markdown,
+                 galleries: tuple[gr.Gallery, ...] = (), columns: tuple[int, int] = (4, 2)) -> None:
+    """Show or hide the second bundle's column and the caption as a comparison is chosen; the
+    galleries get ``columns[1]`` thumbnails a row when they share the width, ``columns[0]`` alone."""
+    def update(model_name: str | None, compare_name: str | None) -> tuple:
+        col, cap = compare_caption(model_name, compare_name)
+        n = columns[1] if col["visible"] else columns[0]
+        return (col, cap, *(gr.update(columns=n) for _ in galleries))
     for event in (compare.change, model_dd.change):
-        event(compare_caption, [model_dd, compare], [column, caption], api_visibility="private")
+        event(update, [model_dd, compare], [column, caption, *galleries], api_visibility="private")
 
 
 def howto(text: str) -> gr.Markdown:

@@ -172,6 +172,6 @@ def build(m: demo.Model | None, model_dd: gr.Dropdown) -> View:
     outputs = [plot, pics, info, data, plot2, pics2]
     inputs = [*image.inputs, keep, n, cls, seed, temp, topk, topp, live, model_dd, compare]
     btn.click(complete, inputs, outputs, api_name="complete")
-    common.wire_compare(compare, model_dd, second, caption)
+    common.wire_compare(compare, model_dd, second, caption, (pics, pics2), (5, 3))
     image.wire(model_dd)   # picking an image does not start a generation: the button does
     return View(image, cls, temp, topk, topp, outputs)

@@ -168,6 +168,6 @@ def build(m: demo.Model | None, model_dd: gr.Dropdown) -> View:
     last = gr.State(None)
     btn.click(sample, [cls, n, temp, topk, topp, cfg, seed, color, model_dd, compare],
               [plot, pics, timing, data, last, plot2, pics2], api_name="sample")
-    common.wire_compare(compare, model_dd, second, caption)
+    common.wire_compare(compare, model_dd, second, caption, (pics, pics2), (4, 2))
     color.change(recolor, [color, last], plot, api_visibility="private")
     return View(cls, temp, topk, topp, cfg, plot)

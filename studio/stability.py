@@ -106,8 +106,10 @@ def build(m: demo.Model | None, model_dd: gr.Dropdown) -> View:
             with gr.Row():
                 disc = gr.Plot(label="Discriminative-token changes")
                 vq = gr.Plot(label="VQ-token changes")
-                with gr.Column(visible=False) as second:
-                    other = gr.Plot(label="Compared bundle: its stage-1 tokens' changes")
+            with gr.Row(visible=False) as second:   # its own row: three maps side by side cut the heatmaps
+                other = gr.Plot(label="Compared bundle: its stage-1 tokens' changes")
+                gr.Markdown("Each bundle's own noisy copy of the image is the same (image, SNR and noise seed); "
+                            "this map shows the tokens the compared bundle's stage 1 models.")
             caption = gr.Markdown(visible=False)
             curve = gr.Plot(label="Change rate vs SNR")
             with gr.Accordion("Numbers (JSON)", open=False):
