@@ -2,6 +2,7 @@
 private, expiring file cache. Gradio does the serving; these close what it leaves open."""
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import os
@@ -128,6 +129,9 @@ _PINNED: set[str] = set()
 OUTPUT_PREFIX = "out-"   # common.png writes each output image in a folder of its own
 
 
+_STRAYS: list[Path] = []   # folders Gradio made for itself beside the cache, removed at exit when empty
+
+
 def private_cache(base: str | None = None) -> Path:
     """A fresh cache folder of this app's own (under ``GRADIO_TEMP_DIR`` or the system temp dir),
     set as Gradio's, so sweeping it never touches another app's files; removed at exit."""
@@ -135,6 +139,11 @@ def private_cache(base: str | None = None) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix="digit-studio-", dir=root))
     os.environ["GRADIO_TEMP_DIR"] = str(folder)
+    # Gradio read the temp dir when it was imported and makes this folder there (for its "vibe
+    # edit" mode, which the app does not use); one that was not there before is removed at exit
+    stray = root / "vibe_edit_history"
+    if not stray.exists():
+        _STRAYS.append(stray)
     return folder
 
 
@@ -210,4 +219,8 @@ def sweep_forever(folder: Path, every: float, age: float, blocks: Any = None) ->
 
 
 def remove_cache(folder: Path) -> None:
+    """Remove the app's cache folder, and the empty folders Gradio made beside it for itself."""
     shutil.rmtree(folder, ignore_errors=True)
+    for stray in _STRAYS:
+        with contextlib.suppress(OSError):
+            stray.rmdir()   # only when empty: nothing of anyone's is deleted

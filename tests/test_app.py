@@ -487,6 +487,7 @@ def test_readme_client_example_runs(tmp_path_factory: pytest.TempPathFactory, mo
     finally:
         _stop(proc)
     assert proc.returncode == 0 and not list(cache.glob("digit-studio-*"))   # `kill` (SIGTERM): a clean exit, cache removed
+    assert not (cache / "vibe_edit_history").exists()   # the empty folder Gradio made for itself goes too
 
 
 # -- the page in a browser ------------------------------------------------------------------------------
