@@ -20,6 +20,11 @@ def model_config(cfg: RunConfig, class_names: list[str]) -> DiGITConfig:
     """
     m = DiGITConfig.load(cfg.model) if cfg.model.endswith(".json") else preset(cfg.model)
     names = list(class_names) if cfg.conditional else []
+    if m.is_vq:   # a VQ-AR baseline's vocabulary is the VQGAN's; training builds it from a DiGIT preset
+        if len(names) != m.stage1.num_classes:
+            raise ConfigError(f"{m.name} generates {m.stage1.num_classes} classes, the data has {len(names)}")
+        m.class_names = names
+        return m.validate()
     K = cfg.codebook_size or m.codebook.size
     if len(names) != m.stage1.num_classes or K != m.codebook.size:
         keep = ("n_layer", "n_head", "d_model", "d_ff")

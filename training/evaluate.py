@@ -127,8 +127,11 @@ def reconstruction_psnr(bundle: Bundle, x: torch.Tensor, batch: int) -> np.ndarr
 
 
 def encoder_features(bundle: Bundle, batch: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``x [N, C, S, S] -> [N, d]``: the tokenizer's features, mean-pooled over the patches."""
-    return lambda x: torch.cat([torch.from_numpy(bundle.tokenize(as_uint8(x[i:i + batch]))[2]).mean((1, 2))
+    """``x [N, C, S, S] -> [N, d]``: the features stage 1's tokens are read from, mean-pooled over
+    the patches: the encoder's, or the VQGAN encoder's latents for a VQ-token model."""
+    def features(x: np.ndarray) -> np.ndarray:
+        return bundle.vq_encode(x)[1] if bundle.config.is_vq else bundle.tokenize(x)[2]
+    return lambda x: torch.cat([torch.from_numpy(features(as_uint8(x[i:i + batch]))).mean((1, 2))
                                 for i in range(0, len(x), batch)])
 
 
@@ -170,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
                     "classes are matched by index")
     log.info(f"{cfg.bundle} on {cfg.data}: {len(train)} train and {len(test)} test images "
              f"({mc.image_size}x{mc.image_size}, {mc.channels} channel(s)), {len(classes)} classes")
-    report: dict[str, Any] = {"bundle": cfg.bundle, "model": mc.name, "data": cfg.data,
+    report: dict[str, Any] = {"bundle": cfg.bundle, "model": mc.name, "tokens": mc.tokens, "data": cfg.data,
                               "test_data": held_out_spec(cfg) or f"a seeded fifth of {cfg.data}",
                               "config": dataclasses.asdict(cfg)}
 
@@ -306,8 +309,12 @@ def summary(r: dict[str, Any]) -> str:
                   f"{t['num_images']} test images, ours / paper (ImageNet, DINOv2 vs VQGAN tokens):", "",
               "| SNR (dB) | disc. tokens changed | VQ tokens changed | disc. feature cos-sim | VQ latent cos-sim |",
               "|---|---|---|---|---|"]
-    lines += [f"| {snr:g} | " + " | ".join(f"{t[key][i]:.3f} / {p[key][i]:.3f}" for key in keys) + " |"
+    lines += [f"| {snr:g} | " + " | ".join(("—" if t[key] is None else f"{t[key][i]:.3f}") + f" / {p[key][i]:.3f}"
+                                         for key in keys) + " |"
               for i, snr in enumerate(t["snr_db"])]
+    if r.get("tokens") == "vq":
+        lines += ["", "A VQ-token model (the VQ-AR baseline): no discriminative tokens (—); its linear probe reads "
+                      "the VQGAN encoder's latents."]
     lines += ["", "Wall time (s): " + ", ".join(f"{a} {b:.0f}" if b >= 1 else f"{a} {b:.2f}"
                                                  for a, b in r["timings_s"].items()), ""]
     return "\n".join(lines)
