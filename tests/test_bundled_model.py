@@ -88,7 +88,7 @@ def test_examples_tokenize_into_used_clusters(bundle) -> None:
 # sha256 prefixes of the bundled model's outputs for fixed seeds. A refactor must leave them as
 # they are (byte-identical samples); new weights change them, and the commit that brings the
 # weights updates them.
-PINS = {"generate": "4ba06955cd7f23af", "complete": "ee08c7c22d596433", "unguided": "6d62c71b5d41137d",
+PINS = {"generate": "47d83585413d1860", "complete": "a1758ead4ffc7e88", "unguided": "6c7458fef87d03a8",
         "tokenize": "adee19e2c57fb784"}
 
 
@@ -105,3 +105,16 @@ def test_fixed_seeds_give_the_pinned_bytes(bundle) -> None:
     got = {"generate": digest(g.images, g.disc_tokens, g.vq_tokens), "complete": digest(c.images, c.disc_tokens, c.vq_tokens),
            "unguided": digest(u.images, u.disc_tokens, u.vq_tokens), "tokenize": digest(*bundle.tokenize(img[None])[:2])}
     assert got == PINS
+
+
+def test_the_vq_ar_baseline_bundle_shares_the_default_bundles_vqgan(bundle) -> None:
+    """exported/fmnist-vq: the same stage-1 GPT over VQ codes, its VQ graphs the default bundle's own files."""
+    vq = load_bundle(ROOT / "exported" / "fmnist-vq", device="cpu", threads=2)
+    c = vq.config
+    assert c.is_vq and c.name == "fmnist-vq" and c.class_names == bundle.config.class_names
+    assert c.stage1.gpt == bundle.config.stage1.gpt   # K = 512 codes in both: the very same GPT
+    assert vq.manifest["graphs"]["vq_decoder"] == "../fmnist/vq_decoder.onnx"
+    assert sorted(p.name for p in (ROOT / "exported" / "fmnist-vq").iterdir()) == [
+        "MODEL_CARD.md", "config.json", "manifest.json", "stage1.onnx"]
+    g = vq.generate([0, 9], seed=0)
+    assert g.images.shape == (2, 32, 32, 3) and np.array_equal(g.vq_tokens, g.disc_tokens)

@@ -4,6 +4,7 @@
 # instead of discriminative tokens, so there is no tokenizer and no stage 2. It shares the VQ
 # graphs and the VQGAN file with exported/fmnist (which must exist), so it adds only its stage 1.
 #   bash training/fmnist_vq.sh [--key=value ...]      # e.g. --root=runs/try; rerun to resume
+# The committed exported/fmnist-vq ran half that budget: bash training/fmnist_vq.sh --steps=3000
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFIG=${CONFIG:-training/fmnist.yaml}
