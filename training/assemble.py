@@ -25,6 +25,7 @@ from digit_core.pipeline import DiGIT
 from digit_core.presets import vq_baseline
 from training.config import RunConfig, parse_config
 from training.files import load_tensors, require
+from training.layout import LAYOUT
 from training.trainer import Trainer
 
 
@@ -65,15 +66,15 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(AssembleConfig, argv)
     tr = Trainer(cfg)
     if cfg.tokens == "vq":
-        model = vq_model(cfg.input(cfg.stage1, "stage1_vq/stage1.safetensors"),
-                         cfg.input(cfg.vqgan, "vqgan/vqgan.safetensors"), cfg.name)
-        _save(tr, model, cfg.input(cfg.out, "model_vq"))
+        model = vq_model(cfg.input(cfg.stage1, LAYOUT.stage1_vq.path),
+                         cfg.input(cfg.vqgan, LAYOUT.vqgan.path), cfg.name)
+        _save(tr, model, cfg.input(cfg.out, LAYOUT.model_vq))
         return
-    parts = {"encoder": cfg.input(cfg.encoder, "ssl/encoder.safetensors"),
-             "codebook": cfg.input(cfg.codebook, "kmeans/codebook.safetensors"),
-             "vqgan": cfg.input(cfg.vqgan, "vqgan/vqgan.safetensors"),
-             "stage1": cfg.input(cfg.stage1, "stage1/stage1.safetensors"),
-             "stage2": cfg.input(cfg.stage2, "stage2/stage2.safetensors")}
+    parts = {"encoder": cfg.input(cfg.encoder, LAYOUT.encoder.path),
+             "codebook": cfg.input(cfg.codebook, LAYOUT.codebook.path),
+             "vqgan": cfg.input(cfg.vqgan, LAYOUT.vqgan.path),
+             "stage1": cfg.input(cfg.stage1, LAYOUT.stage1.path),
+             "stage2": cfg.input(cfg.stage2, LAYOUT.stage2.path)}
     loaded = {k: load_tensors(require(p, k if k != "codebook" else "kmeans")) for k, p in parts.items()}
     mcfg = DiGITConfig.from_dict(loaded["stage1"][1]["model"])
     meta = loaded["encoder"][1]   # how the encoder was trained: objective, labels used, free text
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     centroids = loaded["codebook"][0]["centroids"]
     state |= {"codebook.centroids": centroids, "codebook.centroid_sq": centroids.float().pow(2).sum(1)}
     model.load_weights(state, source=", ".join(str(p) for p in parts.values()))
-    _save(tr, model, cfg.input(cfg.out, "model"))
+    _save(tr, model, cfg.input(cfg.out, LAYOUT.model))
 
 
 def _save(tr: Trainer, model: DiGIT, out: Path) -> None:

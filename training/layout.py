@@ -34,6 +34,7 @@ class RunLayout:
     stage2: Artifact = Artifact("stage2", "stage2")
     features: str = "features"     # the features stage's folder of shards, which kmeans reads
     model: str = "model"           # the model directory assemble writes
+    model_vq: str = "model_vq"     # assemble --tokens=vq: the VQ-AR baseline's
 
     @property
     def parts(self) -> tuple[Artifact, ...]:

@@ -30,6 +30,7 @@ from digit_core.gpt import GPT
 from digit_core.presets import vq_baseline
 from training.config import TrainConfig, parse_config
 from training.data import load_data, model_config
+from training.layout import LAYOUT
 from training.tokens import TokenDataset, code_loss, disc_tokenizer, token_datasets, vq_tokenizer
 from training.trainer import Trainer
 
@@ -81,10 +82,10 @@ def main(argv: list[str] | None = None) -> None:
     # the GPT step itself, and its output never changes, so each later epoch costs only the GPT.
     # Random crops are lost (the cache holds centre crops); flips are kept by caching both.
     if cfg.tokens == "vq":
-        tokenize = {"vq": vq_tokenizer(tr, mcfg, cfg.input(cfg.vqgan, "vqgan/vqgan.safetensors"))}
+        tokenize = {"vq": vq_tokenizer(tr, mcfg, cfg.input(cfg.vqgan, LAYOUT.vqgan.path))}
     else:
-        tokenize = {"disc": disc_tokenizer(tr, mcfg, cfg.input(cfg.encoder, "ssl/encoder.safetensors"),
-                                           cfg.input(cfg.codebook, "kmeans/codebook.safetensors"))}
+        tokenize = {"disc": disc_tokenizer(tr, mcfg, cfg.input(cfg.encoder, LAYOUT.encoder.path),
+                                           cfg.input(cfg.codebook, LAYOUT.codebook.path))}
     train_tokens, val_tokens = token_datasets(tr, cfg, data, tokenize, (cfg.tokens, "label"))
     del tokenize
 

@@ -21,6 +21,7 @@ from training.data import as_uint8
 from training.evaltools import (EvalConfig, Labelled, classify, frechet_distance, from_uint8, get_classifier,
                                 linear_probe, load_splits)
 from training.files import load_tensors, require
+from training.layout import LAYOUT
 
 ORDER = ("stability", "probe", "ablation", "ssl_type", "completion")   # the paper's order
 CLOSE = 0.05
@@ -86,20 +87,20 @@ class Context:
 
     @cached_property
     def model(self) -> DiGIT:
-        return DiGIT.load(require(self.opts.path(self.opts.model, "model"), "assemble"), self.device)
+        return DiGIT.load(require(self.opts.path(self.opts.model, LAYOUT.model), "assemble"), self.device)
 
     @cached_property
     def vq_model(self) -> DiGIT:
         """The VQ-AR baseline (``training.stage1 --tokens=vq``) on the same VQGAN."""
         from training.assemble import vq_model
         o = self.opts
-        return vq_model(o.path(o.vq_stage1, "stage1_vq/stage1.safetensors"),
-                        o.path(o.vqgan, "vqgan/vqgan.safetensors")).to(self.device)
+        return vq_model(o.path(o.vq_stage1, LAYOUT.stage1_vq.path),
+                        o.path(o.vqgan, LAYOUT.vqgan.path)).to(self.device)
 
     @cached_property
     def eval_config(self) -> EvalConfig:
         o = self.opts
-        model_dir = require(o.path(o.model, "model"), "assemble")   # its config.json gives the image size
+        model_dir = require(o.path(o.model, LAYOUT.model), "assemble")   # its config.json gives the image size
         return EvalConfig(data=o.data, test_data=o.test_data, bundle=str(model_dir), classifier=o.classifier,
                           seed=o.seed, device=o.device)
 
@@ -127,7 +128,7 @@ class Context:
     @cached_property
     def encoder_source(self) -> str:
         """How the encoder was trained, as the ssl stage recorded it."""
-        path = self.opts.path(self.opts.encoder, "ssl/encoder.safetensors")
+        path = self.opts.path(self.opts.encoder, LAYOUT.encoder.path)
         return load_tensors(path)[1].get("source", "unknown") if path.is_file() else f"unknown ({path} not found)"
 
 
