@@ -82,3 +82,15 @@ def load_checkpoint(path: str | Path, trust_pickle: bool = False) -> dict[str, A
             "can execute arbitrary code.") from None
     except (RuntimeError, EOFError, IndexError, KeyError, ValueError) as err:   # torch's readers on damaged data
         raise ConvertError(f"{path}: a damaged PyTorch checkpoint ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+
+
+def state_mismatch(own: dict[str, Any], state: dict[str, Any]) -> str | None:
+    """How a state dict differs from a module's own (missing, unexpected and mis-shaped tensors,
+    ten of each at most), or None when it fits: the one check behind every strict load."""
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state and state[k].shape != v.shape]
+    if not (missing or unexpected or shapes):
+        return None
+    few = (lambda names: f"{names[:10]}{' ...' if len(names) > 10 else ''}")
+    return f"missing {few(missing)}, unexpected {few(unexpected)}, shape mismatches (file vs model) {few(shapes)}"

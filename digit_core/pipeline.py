@@ -169,16 +169,11 @@ class DiGIT(nn.Module, Flows):
 
     def load_weights(self, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
         """Strict load with an error that names missing, unexpected and mis-shaped tensors."""
-        own = self.own_state_dict()
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-                  if k in state and state[k].shape != v.shape]
-        if missing or unexpected or shapes:
-            raise ConfigError(f"{source} does not match the config: missing {missing[:10]}{'...' if len(missing) > 10 else ''}, "
-                              f"unexpected {unexpected[:10]}{'...' if len(unexpected) > 10 else ''}, "
-                              f"shape mismatches {shapes[:10]}")
-        self.load_state_dict(state, strict=False)
+        from .checkpoints import state_mismatch
+        bad = state_mismatch(self.own_state_dict(), state)
+        if bad:
+            raise ConfigError(f"{source} does not match the config: {bad}")
+        self.load_state_dict(state, strict=False)   # strict=False: the wrappers' aliases are not in ``state``
 
 
 def _tensor(a: np.ndarray, device: torch.device) -> torch.Tensor:

@@ -64,14 +64,10 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> None:
     """``module.load_state_dict(state)``, strict, after a check whose ConfigError names the
     missing, unexpected and mis-shaped tensors and where ``state`` came from (``source``)."""
-    own = module.state_dict()
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-              if k in state and state[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        few = (lambda names: f"{names[:10]}{' ...' if len(names) > 10 else ''}")
-        raise ConfigError(f"{source} does not fit this {type(module).__name__}: missing {few(missing)}, "
-                          f"unexpected {few(unexpected)}, shape mismatches (file vs model) {few(shapes)}")
+    from digit_core.checkpoints import state_mismatch
+    bad = state_mismatch(module.state_dict(), state)
+    if bad:
+        raise ConfigError(f"{source} does not fit this {type(module).__name__}: {bad}")
     module.load_state_dict(state)
 
 
