@@ -142,7 +142,7 @@ def _run_mid(mid: nn.Module, h: torch.Tensor) -> torch.Tensor:
     return mid.block_2(mid.attn_1(mid.block_1(h)))
 
 
-class Encoder(nn.Module):
+class VQGANEncoder(nn.Module):
     """Image ``[N, C, R, R]`` -> latent ``[N, z_channels, m, m]``."""
 
     def __init__(self, cfg: VQGANConfig, arch: Arch):
@@ -173,7 +173,7 @@ class Encoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
-class Decoder(nn.Module):
+class VQGANDecoder(nn.Module):
     """Latent ``[N, z_channels, m, m]`` -> image ``[N, out_channels, R, R]`` (unclamped)."""
 
     def __init__(self, cfg: VQGANConfig, arch: Arch):
@@ -245,8 +245,8 @@ class VQGAN(nn.Module):
         _check_config(cfg, ARCHS[arch])
         self.cfg, self.arch = cfg, arch
         a = ARCHS[arch]
-        self.encoder = Encoder(cfg, a)
-        self.decoder = Decoder(cfg, a)
+        self.encoder = VQGANEncoder(cfg, a)
+        self.decoder = VQGANDecoder(cfg, a)
         self.quantize = VectorQuantizer(cfg.n_embed, cfg.embed_dim)
         self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.embed_dim, 1) if a.quant_convs else nn.Identity()
         self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1) if a.quant_convs else nn.Identity()

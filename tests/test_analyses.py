@@ -75,11 +75,11 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 # -- stage 1 on VQ tokens ------------------------------------------------------------------------------------
 def test_tokens_option_is_checked_and_gets_its_own_run_dir() -> None:
-    from training.stage1 import Stage1Config
-    assert parse_config(Stage1Config, ["--tokens=vq"]).stage == "stage1_vq"
-    assert parse_config(Stage1Config, []).stage == Stage1Config.stage == "stage1"
+    from training.stage1 import Stage1TrainConfig
+    assert parse_config(Stage1TrainConfig, ["--tokens=vq"]).stage == "stage1_vq"
+    assert parse_config(Stage1TrainConfig, []).stage == Stage1TrainConfig.stage == "stage1"
     with pytest.raises(ConfigError, match="tokens must be one of"):
-        parse_config(Stage1Config, ["--tokens=pixels"])
+        parse_config(Stage1TrainConfig, ["--tokens=pixels"])
 
 
 def test_vq_stage1_trains_on_vq_ids_and_samples_decode(root: Path) -> None:

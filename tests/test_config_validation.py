@@ -12,7 +12,7 @@ from digit_core.config import ConfigError
 from training.config import parse_config
 from training.trainer import Trainer
 from training.ssl import SSLConfig
-from training.stage1 import Stage1Config
+from training.stage1 import Stage1TrainConfig
 from training.vqgan import VQGANTrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 ])
 def test_bad_command_line_values_name_the_key(arg: str, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
-        parse_config(Stage1Config, [arg])
+        parse_config(Stage1TrainConfig, [arg])
 
 
 @pytest.mark.parametrize("section, match", [
@@ -51,13 +51,13 @@ def test_bad_command_line_values_name_the_key(arg: str, match: str) -> None:
 def test_bad_config_file_values_name_the_file_and_key(tmp_path: Path, section: str, match: str) -> None:
     (tmp_path / "c.yaml").write_text(f"stage1:\n  {section}\n")
     with pytest.raises(ConfigError, match=match):
-        parse_config(Stage1Config, ["--config", str(tmp_path / "c.yaml")])
+        parse_config(Stage1TrainConfig, ["--config", str(tmp_path / "c.yaml")])
 
 
 def test_strings_in_files_are_read_as_on_the_command_line(tmp_path: Path) -> None:
     """YAML reads `steps: "20"` and `lr: 3e-4` (no dot) as strings: they mean 20 and 0.0003."""
     (tmp_path / "c.yaml").write_text('stage1:\n  steps: "20"\n  lr: 3e-4\n  flip: "false"\n')
-    cfg = parse_config(Stage1Config, ["--config", str(tmp_path / "c.yaml")])
+    cfg = parse_config(Stage1TrainConfig, ["--config", str(tmp_path / "c.yaml")])
     assert (cfg.steps, cfg.lr, cfg.flip) == (20, 3e-4, False) and type(cfg.steps) is int
 
 
@@ -72,13 +72,13 @@ def test_every_stage_gets_the_checks_ssl_included(tmp_path: Path) -> None:
     assert parse_config(SSLConfig, ["--global_scale=[0.3, 1]"]).global_scale == (0.3, 1.0)
     with pytest.raises(ConfigError, match="perceptual must be one of random, encoder, none"):
         parse_config(VQGANTrainConfig, ["--perceptual=vgg"])
-    assert parse_config(Stage1Config, ["--fresh"]).fresh is True   # a bare boolean flag means true
+    assert parse_config(Stage1TrainConfig, ["--fresh"]).fresh is True   # a bare boolean flag means true
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
 def test_device_cuda_without_a_gpu_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="device=cuda but torch sees no CUDA GPU"):
-        Trainer(parse_config(Stage1Config, [f"--root={tmp_path}", "--device=cuda"]))
+        Trainer(parse_config(Stage1TrainConfig, [f"--root={tmp_path}", "--device=cuda"]))
 
 
 def test_a_user_error_on_the_command_line_is_one_line(tmp_path: Path) -> None:
@@ -96,7 +96,7 @@ def test_the_shipped_recipes_pass_for_every_stage() -> None:
     from training.assemble import AssembleConfig
     from training.features import FeaturesConfig
     from training.kmeans import KMeansConfig
-    from training.stage2 import Stage2Config
+    from training.stage2 import Stage2TrainConfig
     for recipe in sorted((REPO / "training").glob("*.yaml")):
-        for cls in (SSLConfig, FeaturesConfig, KMeansConfig, VQGANTrainConfig, Stage1Config, Stage2Config, AssembleConfig):
+        for cls in (SSLConfig, FeaturesConfig, KMeansConfig, VQGANTrainConfig, Stage1TrainConfig, Stage2TrainConfig, AssembleConfig):
             parse_config(cls, ["--config", str(recipe)])

@@ -114,16 +114,16 @@ def test_fashion_mnist_is_padded_to_32() -> None:
 
 # -- config -------------------------------------------------------------------------------------------------
 def test_config_file_sections_and_overrides(tmp_path: Path) -> None:
-    from training.stage1 import Stage1Config
+    from training.stage1 import Stage1TrainConfig
     f = tmp_path / "c.yaml"
     f.write_text("root: /tmp/x\nmodel: tiny\nstage1: {steps: 7, lr: 0.001}\nstage2: {steps: 9}\n")
-    cfg = parse_config(Stage1Config, ["--config", str(f), "--lr=0.002", "--flip=false"])
+    cfg = parse_config(Stage1TrainConfig, ["--config", str(f), "--lr=0.002", "--flip=false"])
     assert (cfg.root, cfg.steps, cfg.lr, cfg.flip) == ("/tmp/x", 7, 0.002, False)
     with pytest.raises(ConfigError, match="no field"):
-        parse_config(Stage1Config, ["--stepz=3"])
+        parse_config(Stage1TrainConfig, ["--stepz=3"])
     f.write_text("stage1: {stepz: 7}\n")
     with pytest.raises(ConfigError, match="unknown keys"):
-        parse_config(Stage1Config, ["--config", str(f)])
+        parse_config(Stage1TrainConfig, ["--config", str(f)])
 
 
 # -- resume --------------------------------------------------------------------------------------------------
@@ -135,12 +135,12 @@ def _vqgan(root: Path, folder: Path, steps: int) -> None:
 
 def test_a_recipe_can_extend_a_base_recipe(tmp_path: Path) -> None:
     from training.ssl import SSLConfig
-    from training.stage1 import Stage1Config
+    from training.stage1 import Stage1TrainConfig
     (tmp_path / "base.yaml").write_text("root: runs/a\nmodel: fmnist\nssl: {steps: 5, lr: 0.1}\nstage1: {steps: 7}\n")
     (tmp_path / "v.yaml").write_text("base: base.yaml\nroot: runs/b\nssl: {steps: 9}\n")
     c = parse_config(SSLConfig, ["--config", str(tmp_path / "v.yaml")])
     assert (c.root, c.model, c.steps, c.lr) == ("runs/b", "fmnist", 9, 0.1)   # a section merges key by key
-    assert parse_config(Stage1Config, ["--config", str(tmp_path / "v.yaml")]).steps == 7
+    assert parse_config(Stage1TrainConfig, ["--config", str(tmp_path / "v.yaml")]).steps == 7
     (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
     with pytest.raises(ConfigError, match="its own base"):
         parse_config(SSLConfig, ["--config", str(tmp_path / "loop.yaml")])

@@ -38,7 +38,7 @@ TOKENS = ("disc", "vq")
 
 
 @dataclass
-class Stage1Config(TrainConfig):
+class Stage1TrainConfig(TrainConfig):
     stage: ClassVar[str] = "stage1"
     encoder: str = ""              # default <root>/ssl/encoder.safetensors
     codebook: str = ""             # default <root>/kmeans/codebook.safetensors
@@ -59,7 +59,7 @@ class Stage1Config(TrainConfig):
             self.stage = "stage1_vq"
 
 
-def vq_model_config(cfg: Stage1Config, class_names: list[str]) -> DiGITConfig:
+def vq_model_config(cfg: Stage1TrainConfig, class_names: list[str]) -> DiGITConfig:
     """The VQ-AR baseline of the run's model: stage 1 predicts the VQGAN's ids with the same GPT
     sizes. The grids must match so both models see sequences of equal length."""
     m = model_config(cfg, class_names)
@@ -71,7 +71,7 @@ def vq_model_config(cfg: Stage1Config, class_names: list[str]) -> DiGITConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_config(Stage1Config, argv)
+    cfg = parse_config(Stage1TrainConfig, argv)
     tr = Trainer(cfg)
     data, mcfg = load_data(cfg, cfg.data, train=False)
     if cfg.tokens == "vq":

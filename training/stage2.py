@@ -27,7 +27,7 @@ from training.trainer import Trainer
 
 
 @dataclass
-class Stage2Config(TrainConfig):
+class Stage2TrainConfig(TrainConfig):
     stage: ClassVar[str] = "stage2"
     encoder: str = ""              # default <root>/ssl/encoder.safetensors
     codebook: str = ""             # default <root>/kmeans/codebook.safetensors
@@ -40,7 +40,7 @@ class Stage2Config(TrainConfig):
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_config(Stage2Config, argv)
+    cfg = parse_config(Stage2TrainConfig, argv)
     tr = Trainer(cfg)
     data, mcfg = load_data(cfg, cfg.data, train=False)
     s2, g = mcfg.stage2, mcfg.stage2.gpt

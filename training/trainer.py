@@ -3,7 +3,7 @@ bf16 autocast, EMA, progress and metrics logs, atomic safetensors checkpoints, r
 
 A stage script reads top to bottom::
 
-    cfg = parse_config(Stage1Config)          # file (JSON/YAML) + --key=value overrides
+    cfg = parse_config(Stage1TrainConfig)          # file (JSON/YAML) + --key=value overrides
     tr = Trainer(cfg)                         # run dir, DDP (or one process), logs, seeds
     model = tr.add("model", GPT(...))         # DDP-wrapped, with its own AdamW (+ EMA)
     tr.resume()                               # continue from <run>/checkpoint.safetensors
