@@ -102,7 +102,7 @@ def test_stability_noises_the_one_channel_a_grey_model_sees() -> None:
     class Recorder:
         """Features are the pixels the model would see (the channel mean), recorded per call."""
 
-        config = SimpleNamespace(channels=1)
+        config = SimpleNamespace(channels=1, is_vq=False)
         seen: list[np.ndarray] = []
 
         def tokenize(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
