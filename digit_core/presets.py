@@ -50,6 +50,9 @@ FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                   "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 
 
+_TINY_GPT = dict(n_layer=2, n_head=2, d_model=32, d_ff=64)
+
+
 def tiny(num_classes: int = 3) -> DiGITConfig:
     """A few-thousand-parameter model for tests: 16x16 images, 4x4 token grids."""
     return our_layout(
@@ -60,10 +63,19 @@ def tiny(num_classes: int = 3) -> DiGITConfig:
         vqgan=VQGANConfig(resolution=16, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(4,),
                           z_channels=16, n_embed=32, embed_dim=8, norm_groups=8),
         num_classes=num_classes,
-        gpt1=dict(n_layer=2, n_head=2, d_model=32, d_ff=64),
-        gpt2=dict(n_layer=2, n_head=2, d_model=32, d_ff=64),
+        gpt1=_TINY_GPT,
+        gpt2=_TINY_GPT,
         class_names=[f"class {i}" for i in range(num_classes)],
     )
+
+
+def tiny_vq(num_classes: int = 3) -> DiGITConfig:
+    """``tiny``'s VQ-AR baseline, for tests: its stage-1 sizes over its VQGAN's 32 codes (a model
+    with ``tiny``'s VQGAN weights is its twin). Not in ``PRESETS``: training builds a baseline
+    with ``training.stage1 --tokens=vq`` from a DiGIT preset."""
+    t = tiny(num_classes)
+    return vq_baseline(our_layout("tiny-vq", 16, 3, t.encoder, t.vqgan.n_embed, t.vqgan, num_classes,
+                                  _TINY_GPT, _TINY_GPT, list(t.class_names)))
 
 
 def tiny_cnn(num_classes: int = 3) -> DiGITConfig:

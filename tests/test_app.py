@@ -45,15 +45,13 @@ TTL = 10   # seconds the strict app keeps files
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny DiGIT bundle, and beside it (the app's --bundles folder) its VQ-AR twin on the same VQGAN."""
-    from digit_core.presets import our_layout, vq_baseline
+    from digit_core.presets import tiny_vq
     torch.manual_seed(0)
     m = DiGIT(tiny(3))
     with torch.no_grad():   # spread the centroids so tokenize uses many clusters
         m.codebook.set_centroids(torch.randn(16, 32) * 0.3)
     root = tmp_path_factory.mktemp("exported")
-    c, gpt = m.config, dict(n_layer=2, n_head=2, d_model=32, d_ff=64)
-    vq = DiGIT(vq_baseline(our_layout("tiny-vq", 16, 3, c.encoder, c.vqgan.n_embed, c.vqgan, 3, gpt, gpt,
-                                      list(c.class_names))))
+    vq = DiGIT(tiny_vq(3))
     vq.vqgan.load_state_dict(m.vqgan.state_dict())
     out = export_bundle(m, root / "tiny")
     export_bundle(vq, root / "tiny-vq", share_with=out)

@@ -132,10 +132,9 @@ def test_a_guided_bundle_is_also_measured_without_guidance(folder: Path, tmp_pat
 
 def test_a_vq_ar_bundle_is_measured_the_same_way(bundle: Path, folder: Path, tmp_path: Path) -> None:
     """The VQ-AR baseline: the same figures, its probe on the VQ latents, no discriminative side of Table 1."""
-    from digit_core.presets import our_layout, vq_baseline
-    c, gpt = tiny(3), dict(n_layer=2, n_head=2, d_model=32, d_ff=64)
+    from digit_core.presets import tiny_vq
     torch.manual_seed(0)
-    vq = DiGIT(vq_baseline(our_layout("tiny-vq", 16, 3, c.encoder, c.vqgan.n_embed, c.vqgan, 3, gpt, gpt)))
+    vq = DiGIT(tiny_vq(3))
     m = _run(export_bundle(vq, tmp_path / "vq"), folder, tmp_path / "out", tmp_path / "clf.safetensors")
     assert m["tokens"] == "vq" and 0 <= m["samples"]["accuracy"] <= 1 and 0 <= m["completion"]["agreement"] <= 1
     assert m["table1"]["ours"]["disc_change"] is None and len(m["table1"]["ours"]["vq_change"]) == 8

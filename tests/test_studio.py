@@ -422,15 +422,13 @@ def test_header_says_how_the_encoder_was_trained() -> None:
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> common.Registry:
     """A bundles folder with a tiny DiGIT and its VQ-AR twin (same VQGAN, graphs shared)."""
-    from digit_core.presets import our_layout, vq_baseline
+    from digit_core.presets import tiny_vq
     root = tmp_path_factory.mktemp("pair")
     torch.manual_seed(1)
     digit = DiGIT(tiny(3))
     with torch.no_grad():
         digit.codebook.set_centroids(torch.randn(16, 32) * 0.3)
-    c, gpt = digit.config, dict(n_layer=2, n_head=2, d_model=32, d_ff=64)
-    vq = DiGIT(vq_baseline(our_layout("tiny-vq", 16, 3, c.encoder, c.vqgan.n_embed, c.vqgan, 3, gpt, gpt,
-                                      list(c.class_names))))
+    vq = DiGIT(tiny_vq(3))
     vq.vqgan.load_state_dict(digit.vqgan.state_dict())
     export_bundle(digit, root / "tiny", weights="float16")
     export_bundle(vq, root / "tiny-vq", weights="float16", share_with=root / "tiny")

@@ -13,19 +13,9 @@ from digit_core.config import ConfigError, DiGITConfig
 from digit_core.contract import BundleError, graph_specs
 from digit_core.export import export_bundle
 from digit_core.pipeline import DiGIT
-from digit_core.presets import our_layout, tiny, vq_baseline
+from digit_core.presets import tiny, tiny_vq
 from digit_core.runtime import load_bundle
 from digit_core.weights import round_weights_to_half
-
-GPT = dict(n_layer=2, n_head=2, d_model=32, d_ff=64)
-
-
-def _vq_config(c: DiGITConfig) -> DiGITConfig:
-    """``c``'s VQ-AR baseline: the same stage-1 sizes over the VQGAN's ids."""
-    over_vq = our_layout(c.name + "-vq", c.image_size, c.channels, c.encoder, c.vqgan.n_embed, c.vqgan,
-                         c.stage1.num_classes, GPT, GPT, list(c.class_names))
-    return vq_baseline(over_vq)
-
 
 @pytest.fixture(scope="module")
 def models() -> tuple[DiGIT, DiGIT]:
@@ -33,7 +23,7 @@ def models() -> tuple[DiGIT, DiGIT]:
     digit = DiGIT(tiny(3))
     with torch.no_grad():
         digit.codebook.set_centroids(torch.randn(16, 32))
-    vq = DiGIT(_vq_config(digit.config))
+    vq = DiGIT(tiny_vq(3))
     vq.vqgan.load_state_dict(digit.vqgan.state_dict())   # one VQGAN, as the two real bundles share
     return digit, vq
 
