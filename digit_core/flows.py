@@ -161,8 +161,7 @@ class Flows(ABC):
     # -- tokenize ---------------------------------------------------------------------------------
     def tokenize(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Discriminative tokens ``[N, n, n]``, squared distances to their centroids ``[N, n, n]``
-        and the encoder features ``[N, n, n, d]``."""
-        self.check_disc("tokenize")
+        and the encoder features ``[N, n, n, d]``; a VQ-token model's backend refuses (``check_disc``)."""
         return self.encode_disc(self.check_images(images))
 
     def vq_tokenize(self, images: np.ndarray) -> np.ndarray:

@@ -8,15 +8,16 @@ import logging
 import re
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import gradio as gr
 import numpy as np
 from PIL import Image
 
-from digit_core import demo
+from digit_core import demo, streaming
 from digit_core.images import ImageError
 from digit_core.runtime import BundleError, load_bundle
 
@@ -311,6 +312,34 @@ def compare_caption(model_name: str | None, compare_name: str | None) -> tuple[d
     lines = [f"- left: **{first.config.name}**: {demo.model_line(first.config)}",
              f"- right: **{other.config.name}**: {demo.model_line(other.config)}"]
     return gr.update(visible=True), gr.update(visible=True, value=COMPARE_NOTE + "\n" + "\n".join(lines))
+
+
+def side_by_side(runs: list[Callable], width: int, on_token: Callable[[int, Any], tuple | None],
+                 on_done: Callable[[int, Any], tuple], merge: Callable[[dict[int, tuple]], tuple]) -> Iterator[tuple]:
+    """Gradio updates for one flow, or two run at once (a comparison), over a tab's outputs: the
+    first run owns the first ``width`` outputs, the second the two after them (its grid and
+    gallery). ``on_token(i, codes)`` gives run ``i``'s live update of its own outputs (None: none),
+    ``on_done(i, result)`` its finished outputs; while the other still runs, a finished run shows
+    them. The last message is ``merge(finished)``, every output at once (what an API client's
+    ``predict`` returns)."""
+    skip = gr.skip()
+
+    def placed(i: int, values: tuple) -> tuple:
+        if i == 0:
+            return (*values, *(skip,) * (width + 2 - len(values)))
+        return (*(skip,) * width, *values, *(skip,) * (2 - len(values)))
+
+    done: dict[int, tuple] = {}
+    for i, kind, value in streaming.stream_many(runs):
+        if kind == "token":
+            update = on_token(i, value)
+            if update is not None:
+                yield placed(i, update)
+            continue
+        done[i] = on_done(i, value)
+        if len(done) < len(runs):
+            yield placed(i, done[i] if i == 0 else done[i][:2])
+    yield merge(done)
 
 
 def wire_compare(compare: gr.Dropdown, model_dd: gr.Dropdown, column: gr.Column | gr.Row, caption: gr.Markdown,

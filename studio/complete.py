@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import gradio as gr
+import numpy as np
 
-from digit_core import demo, ood, streaming, viz
+from digit_core import demo, ood, viz
 
 from . import common, generate
 
@@ -72,31 +73,23 @@ def complete(image: str | None, example: str | None, keep_percent: float = DEFAU
     live_info = looked_at(m, img, info)[2]
     yield (generate.empty_figure(m, B), [], live_info + " · starting …", None,
            generate.empty_figure(m2, B) if m2 else None, [])
-    done: dict[int, tuple] = {}
-    for i, kind, value in streaming.stream_many(runs):
-        x = models[i]
-        if kind == "token":
-            if live:
-                fig = viz.generation_figure(demo.pad_grid(value, c.disc_grid), None, x.config.stage1_vocab, title=TITLE,
-                                            keep_rows=rows, labels=labels)
-                if i == 0:
-                    yield fig, gr.skip(), f"{live_info} · stage 1: token {value.shape[1]} of {c.disc_grid ** 2} …", \
-                        gr.skip(), gr.skip(), gr.skip()
-                else:
-                    yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), fig, gr.skip()
-            continue
-        done[i] = _result(x, img, value, rows, B, info)
-        if i == 1 and 0 not in done:
-            yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), *done[1][:2]
-        elif i == 0 and m2 is not None and 1 not in done:
-            yield *done[0], gr.skip(), gr.skip()
-    # the last message holds every output (what an API client's predict returns)
-    fig, pics, text, data = done[0]
-    if m2 is None:
-        yield fig, pics, text, data, None, []
-    else:
+
+    def on_token(i: int, codes: np.ndarray) -> tuple | None:
+        if not live:
+            return None
+        fig = viz.generation_figure(demo.pad_grid(codes, c.disc_grid), None, models[i].config.stage1_vocab,
+                                    title=TITLE, keep_rows=rows, labels=labels)
+        return (fig, gr.skip(), f"{live_info} · stage 1: token {codes.shape[1]} of {c.disc_grid ** 2} …") if i == 0 \
+            else (fig,)
+
+    def merge(done: dict[int, tuple]) -> tuple:
+        fig, pics, text, data = done[0]
+        if m2 is None:
+            return fig, pics, text, data, None, []
         fig2, pics2, text2, data2 = done[1]
-        yield fig, pics, f"{text}\n\n{m2.config.name}: {text2}", data | {"compare": data2}, fig2, pics2
+        return fig, pics, f"{text}\n\n{m2.config.name}: {text2}", data | {"compare": data2}, fig2, pics2
+
+    yield from common.side_by_side(runs, 4, on_token, lambda i, g: _result(models[i], img, g, rows, B, info), merge)
 
 
 def initial(model: str | None) -> tuple:

@@ -9,7 +9,7 @@ from typing import Any
 import gradio as gr
 import numpy as np
 
-from digit_core import demo, streaming, viz
+from digit_core import demo, viz
 
 from . import common
 
@@ -71,29 +71,22 @@ def sample(class_name: str | None, num_samples: float, temperature: float | None
     # the previous run's images go as this one starts
     yield (empty_figure(m, B), [], "stage 1: starting …", None, None,
            empty_figure(m2, B) if m2 else None, [])
-    done: dict[int, tuple] = {}
-    for i, kind, value in streaming.stream_many(runs):
-        x, c = models[i], models[i].config
-        if kind == "token":
-            fig = viz.generation_figure(demo.pad_grid(value, c.disc_grid), None, c.stage1_vocab, title=title(x),
-                                        labels=labels)
-            if i == 0:
-                yield fig, gr.skip(), f"stage 1: token {value.shape[1]} of {c.disc_grid ** 2} …", *(gr.skip(),) * 4
-            else:
-                yield *(gr.skip(),) * 5, fig, gr.skip()
-            continue
-        done[i] = _done(x, value, classes, labels, color_by)
-        if i == 1 and 0 not in done:
-            yield *(gr.skip(),) * 5, *done[1][:2]
-        elif i == 0 and m2 is not None and 1 not in done:
-            yield *done[0], gr.skip(), gr.skip()
-    # the last message holds every output (what an API client's predict returns): both runs, one JSON
-    fig, pics, timing, data, last = done[0]
-    if m2 is None:
-        yield fig, pics, timing, data, last, None, []
-    else:
+
+    def on_token(i: int, codes: np.ndarray) -> tuple:
+        c = models[i].config
+        fig = viz.generation_figure(demo.pad_grid(codes, c.disc_grid), None, c.stage1_vocab, title=title(models[i]),
+                                    labels=labels)
+        return (fig, gr.skip(), f"stage 1: token {codes.shape[1]} of {c.disc_grid ** 2} …") if i == 0 else (fig,)
+
+    def merge(done: dict[int, tuple]) -> tuple:   # both runs: one JSON, a timing line each
+        fig, pics, timing, data, last = done[0]
+        if m2 is None:
+            return fig, pics, timing, data, last, None, []
         fig2, pics2, timing2, data2, _ = done[1]
-        yield fig, pics, f"{timing}\n\n{m2.config.name}: {timing2}", data | {"compare": data2}, last, fig2, pics2
+        return fig, pics, f"{timing}\n\n{m2.config.name}: {timing2}", data | {"compare": data2}, last, fig2, pics2
+
+    yield from common.side_by_side(runs, 5, on_token, lambda i, g: _done(models[i], g, classes, labels, color_by),
+                                   merge)
 
 
 def recolor(color_by: str, last: dict | None):
