@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import LAYOUTS, GPTConfig, Stage1Config, Stage2Config  # noqa: F401  (LAYOUTS: the layouts' names)
+from .config import GPTConfig, Stage1Config, Stage2Config
 
 
 def _cat(parts: list[Any]) -> Any:
