@@ -1,0 +1,155 @@
+"""The tokenizer sweep behind the thesis report: one DiGIT (or VQ-AR) per tokenizer, equal budgets.
+
+The paper's "unified perspective" says that the more stable a latent space, the better a plain
+next-token model generates from it. To test the link itself, every tokenizer below gets the same
+stage 1 (and, where its tokens are not VQ codes, the same stage 2) from ``training/thesis.yaml``,
+on the same data; ``python -m training.analyses.thesis`` then measures each and writes the report.
+
+    python -m training.thesis prepare ssl conv-vit-untrained     # tokenizer files (+ K-Means)
+    python -m training.thesis train ssl --stages=stage1          # one lane of the sweep
+    python -m training.thesis train ssl --stages=stage2,bundle   # the other
+    python -m training.thesis records ssl --out=weights/thesis   # configs + metrics, for git
+
+Each tokenizer's run is ``<root>/<name>`` (root from the recipe, ``--root`` overrides). Every
+stage resumes or skips finished work when rerun (the stages' own rule), so after a kill rerun
+the same command. ``prepare`` runs before the lanes of one tokenizer start (both read its files).
+"""
+from __future__ import annotations
+
+if __name__ == "__main__" and not __package__:   # run as a file, training/ would shadow the standard library
+    raise SystemExit("run the stages as modules from the repository root: python -m training.thesis --help")
+
+import argparse
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from digit_core.encoders import Encoder
+from digit_core.presets import preset
+from training.files import atomic_save
+from training.layout import LAYOUT
+
+RECIPE = "training/thesis.yaml"
+VQGAN = "exported/fmnist/vqgan.safetensors"   # one VQGAN for every tokenizer: its codes are stage 2's target
+
+
+@dataclass(frozen=True)
+class Tokenizer:
+    """One row of the sweep: where its encoder comes from (``encoder``) and the preset it runs in."""
+
+    label: str
+    model: str                  # the preset of the encoder's architecture (the GPT sizes are the same in all)
+    encoder: str                # "vq" (VQGAN codes), "untrained", a bundle folder, or a weights folder
+    seed: int = 0               # the untrained encoder's initialisation
+
+    @property
+    def is_vq(self) -> bool:
+        return self.encoder == "vq"
+
+
+TOKENIZERS = {
+    "vq": Tokenizer("VQGAN codes (reconstructive; no stage 2)", "fmnist-cnn", "vq"),
+    "ssl": Tokenizer("self-supervised CNN (the bundled model's)", "fmnist-cnn", "exported/fmnist"),
+    "supervised": Tokenizer("label-trained patch ViT", "fmnist", "weights/fmnist-supervised"),
+    "conv-vit-untrained": Tokenizer("untrained conv-stem ViT", "fmnist-conv", "untrained"),
+    "vit-untrained": Tokenizer("untrained patch ViT", "fmnist", "untrained"),
+    "cnn-untrained": Tokenizer("untrained CNN (the self-supervised CNN's control)", "fmnist-cnn", "untrained"),
+}
+STAGES = ("stage1", "stage2", "bundle")
+RECORDS = ("train_config.json", "metrics.jsonl")
+
+
+def stage(module: str, *args: str) -> None:
+    """``python -m training.<module> <args>``, in its own process (each stage frees its memory)."""
+    cmd = [sys.executable, "-m", f"training.{module}", *args]
+    print("==", " ".join(cmd[2:]), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def common(name: str, root: Path, recipe: str) -> list[str]:
+    return ["--config", recipe, f"--root={root / name}", f"--model={TOKENIZERS[name].model}"]
+
+
+def prepare(name: str, root: Path, recipe: str) -> None:
+    """The tokenizer's ``ssl/encoder.safetensors`` and ``kmeans/codebook.safetensors`` under its run."""
+    t, run = TOKENIZERS[name], root / name
+    if t.is_vq or (run / LAYOUT.codebook.path).is_file():
+        return
+    if t.encoder == "untrained":
+        cfg = preset(t.model)
+        with torch.random.fork_rng():
+            torch.manual_seed(t.seed)
+            encoder = Encoder(cfg.encoder)
+        kind = "CNN" if cfg.encoder.kind == "cnn" else f"{cfg.encoder.stem}-stem ViT"
+        atomic_save(encoder.state_dict(), run / LAYOUT.encoder.path,
+                    {"model": cfg.to_dict(), "objective": "untrained", "labels": False,
+                     "source": f"{kind} untrained (random initialisation, seed {t.seed})"})
+        stage("features", *common(name, root, recipe))
+        stage("kmeans", *common(name, root, recipe))
+    elif (Path(t.encoder) / "manifest.json").is_file():
+        from training.unbundle import unbundle
+        unbundle(t.encoder, run)
+    else:   # a weights folder as training.publish writes it
+        for a in (LAYOUT.encoder, LAYOUT.codebook):
+            dst = run / a.path
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(Path(t.encoder) / a.name / a.file, dst)
+
+
+def train(name: str, root: Path, recipe: str, stages: list[str]) -> None:
+    """The stages of one tokenizer in order: stage 1, stage 2 (not for VQ codes), the bundle."""
+    t, run, args = TOKENIZERS[name], root / name, common(name, root, recipe)
+    if not t.is_vq and not (run / LAYOUT.codebook.path).is_file():
+        raise SystemExit(f"{run}: no tokenizer yet; run `python -m training.thesis prepare {name}` first")
+    vq = ["--tokens=vq"] if t.is_vq else []
+    for s in stages:
+        if s == "stage1":
+            stage("stage1", *args, *vq, f"--vqgan={VQGAN}")
+        elif s == "stage2" and not t.is_vq:
+            stage("stage2", *args, f"--vqgan={VQGAN}")
+        elif s == "bundle":
+            stage("assemble", *args, *vq, f"--vqgan={VQGAN}", f"--name=thesis-{name}")
+            model = run / (LAYOUT.model_vq if t.is_vq else LAYOUT.model)
+            subprocess.run([sys.executable, "-m", "digit_core.export", "--model", str(model),
+                            "--out", str(run / "bundle"), "--weights", "float16"], check=True)
+
+
+def records(name: str, root: Path, out: Path) -> None:
+    """Copy each stage's ``train_config.json`` and ``metrics.jsonl`` to ``<out>/<name>/<stage>/``."""
+    run = root / name
+    for folder in sorted(p for p in run.iterdir() if p.is_dir()):
+        files = [folder / f for f in RECORDS if (folder / f).is_file()]
+        for f in files:
+            (out / name / folder.name).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, out / name / folder.name / f.name)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("command", choices=("prepare", "train", "records"))
+    ap.add_argument("tokenizers", nargs="+", choices=sorted(TOKENIZERS))
+    ap.add_argument("--config", default=RECIPE, help="the recipe (budgets, splits)")
+    ap.add_argument("--root", default="", help="default the recipe's root")
+    ap.add_argument("--stages", default=",".join(STAGES), help=f"train: some of {','.join(STAGES)}")
+    ap.add_argument("--out", default="weights/thesis", help="records: where the copies go")
+    a = ap.parse_args(argv)
+    from training.config import RunConfig, parse_config
+    root = Path(a.root or parse_config(RunConfig, ["--config", a.config]).root)
+    stages = [s for s in a.stages.split(",") if s]
+    if bad := [s for s in stages if s not in STAGES]:
+        raise SystemExit(f"unknown stages {bad}; choose from {', '.join(STAGES)}")
+    for name in a.tokenizers:
+        if a.command == "prepare":
+            prepare(name, root, a.config)
+        elif a.command == "train":
+            train(name, root, a.config, stages)
+        else:
+            records(name, root, Path(a.out))
+
+
+if __name__ == "__main__":
+    main()
