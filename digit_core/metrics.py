@@ -103,7 +103,7 @@ def disc_encode(flows: Flows) -> Encode:
 
 
 def token_stability(encode: Encode, images: np.ndarray, channels: int, snr_levels: tuple[float, ...] = SNR_LEVELS_DB,
-                    seed: int = 0, batch: int = 256) -> dict[str, list[float]]:
+                    seed: int = 0, batch: int = 256, clip: bool = True) -> dict[str, list[float]]:
     """One tokenizer's row of Table 1 on uint8 ``images [N, H, W, 3]``: at each SNR the share of
     token positions that change under noise (``change``) and the cosine similarity of the
     features, clean vs noisy (``cos_sim``).
@@ -112,22 +112,31 @@ def token_stability(encode: Encode, images: np.ndarray, channels: int, snr_level
     so two tokenizers measured with one seed see exactly the same noisy images, and the figures
     do not depend on ``batch`` (which only bounds memory). A grey model (``channels == 1``) gets
     its images as the grey it sees, and the noise on that one channel.
+
+    ``snr_measured`` is the mean SNR of the images the tokenizer saw: clipping to [0, 1] (and
+    rounding to uint8) removes part of the noise, so it is above the level asked for at low SNR.
+    ``clip=False`` hands ``encode`` float64 images in [0, 1] plus unclipped noise instead of
+    uint8 (an ``encode`` that takes floats: the noise then has exactly the power asked for).
     """
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or len(images) == 0:
         raise ValueError(f"stability takes a non-empty uint8 batch [N, H, W, 3], got {images.dtype} {images.shape}")
     rngs = [np.random.default_rng([seed, j]) for j in range(len(snr_levels))]
-    change, cos = np.zeros(len(snr_levels)), np.zeros(len(snr_levels))
+    change, cos, measured = (np.zeros(len(snr_levels)) for _ in range(3))
     for i in range(0, len(images), batch):
         clean = as_seen(images[i:i + batch], channels)
+        clean = clean if clip else clean / 255.0
         ids, feats = encode(clean)
         for j, snr in enumerate(snr_levels):
-            nids, nfeats = encode(add_noise(clean, snr, rngs[j]))
+            noisy = add_noise(clean, snr, rngs[j], clip=False) if not clip else add_noise(clean, snr, rngs[j])
+            nids, nfeats = encode(noisy)
             # sums of per-image means: every image has as many positions, so /N is the overall mean
             change[j] += token_change_rate(ids, nids, per_image=True).sum()
             c = cosine_similarity(feats, nfeats, per_position=True)
             cos[j] += c.reshape(len(c), -1).mean(1).sum()
-    return {"change": (change / len(images)).tolist(), "cos_sim": (cos / len(images)).tolist()}
+            measured[j] += snr_db(clean.astype(np.float64), noisy.astype(np.float64)).sum()
+    n = len(images)
+    return {"change": (change / n).tolist(), "cos_sim": (cos / n).tolist(), "snr_measured": (measured / n).tolist()}
 
 
 def stability(flows: Flows, images: np.ndarray, snr_levels: tuple[float, ...] = SNR_LEVELS_DB, seed: int = 0,

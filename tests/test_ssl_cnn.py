@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from digit_core.config import ConfigError
+from digit_core.config import ConfigError, DiGITConfig
 from digit_core.presets import preset
 from digit_core.encoders import Encoder
 from digit_core.export import export_bundle
@@ -166,3 +166,36 @@ def test_the_shipped_recipe_runs_end_to_end_on_a_tiny_dataset(tmp_path: Path, fo
     e = b.config.encoder
     assert (e.kind, e.objective, e.labels) == ("cnn", "vicreg_dense", False)
     assert b.sample([0, 1], seed=0).shape == (2, 16, 16, 3)
+
+
+def test_unbundle_recovers_a_cnn_tokenizer_that_tokenizes_as_the_bundle(tmp_path: Path) -> None:
+    """training.unbundle: the folded BatchNorms come back as identity norms around the folded
+    weights; the recovered encoder + codebook give the bundle's tokens, and the stages load them."""
+    from training.tokens import load_codebook, load_encoder
+    from training.unbundle import unbundle
+    torch.manual_seed(1)
+    m = DiGIT(preset("tiny-cnn"))
+    with torch.no_grad():
+        for mod in m.encoder.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.5, 0.5)
+                mod.running_var.uniform_(0.5, 2.0)
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.uniform_(-0.2, 0.2)
+    imgs = np.random.default_rng(4).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+    with torch.no_grad():
+        feats = m.encoder.features(torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255).reshape(-1, 32)
+        m.codebook.set_centroids(feats[torch.randperm(len(feats))[:16]])
+    m.config.encoder.objective, m.config.encoder.labels = "vicreg_dense", False
+    bundle = export_bundle(m, tmp_path / "cnn")
+    enc_path, cb_path = unbundle(bundle, tmp_path / "run")
+    meta = load_tensors(enc_path)[1]
+    assert meta["objective"] == "vicreg_dense" and meta["labels"] is False and meta["agreement"] == 1.0
+    cfg = DiGITConfig.from_dict(meta["model"])
+    enc, book = load_encoder(cfg, enc_path), load_codebook(cb_path)
+    x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255
+    ids = book.assign(enc.features(x))[0].numpy()
+    expected = load_bundle(bundle, device="cpu", threads=1).tokenize(imgs)[0]
+    assert np.array_equal(ids, expected) and len(np.unique(ids)) > 1
+    with pytest.raises(ValueError, match="only a CNN encoder"):
+        unbundle(export_bundle(DiGIT(preset("tiny")), tmp_path / "vit"), tmp_path / "run2")

@@ -70,13 +70,29 @@ def stage(module: str, *args: str) -> None:
     subprocess.run(cmd, check=True)
 
 
-def common(name: str, root: Path, recipe: str) -> list[str]:
-    return ["--config", recipe, f"--root={root / name}", f"--model={TOKENIZERS[name].model}"]
+@dataclass(frozen=True)
+class Sweep:
+    """Where the runs go and what they share: the recipe, the VQGAN, per-run overrides (tests, other data)."""
+
+    root: Path
+    recipe: str = RECIPE
+    vqgan: str = VQGAN
+    model: str = ""                        # one preset for every tokenizer (e.g. a tiny one); "" = each its own
+    sources: dict[str, str] | None = None  # tokenizer -> another bundle or weights folder for its encoder
+
+    def tokenizer(self, name: str) -> Tokenizer:
+        t = TOKENIZERS[name]
+        src = (self.sources or {}).get(name, t.encoder)
+        return Tokenizer(t.label, self.model or t.model, src, t.seed)
+
+    def args(self, name: str) -> list[str]:
+        """What every stage of this tokenizer's run is called with."""
+        return ["--config", self.recipe, f"--root={self.root / name}", f"--model={self.tokenizer(name).model}"]
 
 
-def prepare(name: str, root: Path, recipe: str) -> None:
+def prepare(sw: Sweep, name: str) -> None:
     """The tokenizer's ``ssl/encoder.safetensors`` and ``kmeans/codebook.safetensors`` under its run."""
-    t, run = TOKENIZERS[name], root / name
+    t, run = sw.tokenizer(name), sw.root / name
     if t.is_vq or (run / LAYOUT.codebook.path).is_file():
         return
     if t.encoder == "untrained":
@@ -88,8 +104,8 @@ def prepare(name: str, root: Path, recipe: str) -> None:
         atomic_save(encoder.state_dict(), run / LAYOUT.encoder.path,
                     {"model": cfg.to_dict(), "objective": "untrained", "labels": False,
                      "source": f"{kind} untrained (random initialisation, seed {t.seed})"})
-        stage("features", *common(name, root, recipe))
-        stage("kmeans", *common(name, root, recipe))
+        stage("features", *sw.args(name))
+        stage("kmeans", *sw.args(name))
     elif (Path(t.encoder) / "manifest.json").is_file():
         from training.unbundle import unbundle
         unbundle(t.encoder, run)
@@ -100,19 +116,19 @@ def prepare(name: str, root: Path, recipe: str) -> None:
             shutil.copyfile(Path(t.encoder) / a.name / a.file, dst)
 
 
-def train(name: str, root: Path, recipe: str, stages: list[str]) -> None:
+def train(sw: Sweep, name: str, stages: list[str]) -> None:
     """The stages of one tokenizer in order: stage 1, stage 2 (not for VQ codes), the bundle."""
-    t, run, args = TOKENIZERS[name], root / name, common(name, root, recipe)
+    t, run, args = sw.tokenizer(name), sw.root / name, sw.args(name)
     if not t.is_vq and not (run / LAYOUT.codebook.path).is_file():
         raise SystemExit(f"{run}: no tokenizer yet; run `python -m training.thesis prepare {name}` first")
     vq = ["--tokens=vq"] if t.is_vq else []
     for s in stages:
         if s == "stage1":
-            stage("stage1", *args, *vq, f"--vqgan={VQGAN}")
+            stage("stage1", *args, *vq, f"--vqgan={sw.vqgan}")
         elif s == "stage2" and not t.is_vq:
-            stage("stage2", *args, f"--vqgan={VQGAN}")
+            stage("stage2", *args, f"--vqgan={sw.vqgan}")
         elif s == "bundle":
-            stage("assemble", *args, *vq, f"--vqgan={VQGAN}", f"--name=thesis-{name}")
+            stage("assemble", *args, *vq, f"--vqgan={sw.vqgan}", f"--name=thesis-{name}")
             model = run / (LAYOUT.model_vq if t.is_vq else LAYOUT.model)
             subprocess.run([sys.executable, "-m", "digit_core.export", "--model", str(model),
                             "--out", str(run / "bundle"), "--weights", "float16"], check=True)
@@ -136,17 +152,25 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--root", default="", help="default the recipe's root")
     ap.add_argument("--stages", default=",".join(STAGES), help=f"train: some of {','.join(STAGES)}")
     ap.add_argument("--out", default="weights/thesis", help="records: where the copies go")
+    ap.add_argument("--vqgan", default=VQGAN, help="the VQGAN every run shares")
+    ap.add_argument("--model", default="", help="one preset for every tokenizer instead of each its own")
+    ap.add_argument("--source", action="append", default=[], metavar="NAME=PATH",
+                    help="another bundle or weights folder for a tokenizer's encoder")
     a = ap.parse_args(argv)
     from training.config import RunConfig, parse_config
+    sources = dict(s.split("=", 1) for s in a.source)
+    if bad := sorted(set(sources) - set(TOKENIZERS)):
+        raise SystemExit(f"--source names unknown tokenizers {bad}")
     root = Path(a.root or parse_config(RunConfig, ["--config", a.config]).root)
+    sw = Sweep(root, a.config, a.vqgan, a.model, sources)
     stages = [s for s in a.stages.split(",") if s]
     if bad := [s for s in stages if s not in STAGES]:
         raise SystemExit(f"unknown stages {bad}; choose from {', '.join(STAGES)}")
     for name in a.tokenizers:
         if a.command == "prepare":
-            prepare(name, root, a.config)
+            prepare(sw, name)
         elif a.command == "train":
-            train(name, root, a.config, stages)
+            train(sw, name, stages)
         else:
             records(name, root, Path(a.out))
 

@@ -1,0 +1,330 @@
+"""The paper's thesis measured across tokenizers: is a more stable latent space easier to generate from?
+
+Each run of the tokenizer sweep (``training.thesis``: equal stage-1 and stage-2 budgets) is
+measured on ``fmnist:test`` (nothing is chosen from these figures) with one sampling rule for
+all, ``SETTINGS``:
+
+- stability: the paper's Table 1 (share of the stage-1 tokens that change, feature cosine
+  similarity) at each SNR, with the SNR the tokenizer actually saw after clipping to [0, 1] and
+  rounding, and again without clipping (float input, noise of exactly the asked power);
+- information: a linear probe of the bag of tokens and of the mean-pooled features, and of each
+  stage-1 layer's position-averaged hidden state (Figure 3b; first token the null class, so no
+  label reaches it), beside raw pixels;
+- modelling: stage 1's held-out loss (``fmnist:val``) in nats per token and per image;
+- generation, for each of ``seeds``: ``n_per_class`` samples per class unguided (cfg 1, the
+  paper's DiGIT figures) and guided (cfg ``guidance``): the share the evaluation's classifier
+  recognises as the class asked for, and the Fréchet distance of its features to test images';
+  completions from the top 50% and 12.5% of token rows (null class, no guidance), judged with
+  the same rule for every model: the kept pixel rows are the real image's in both, so only what
+  the model generated decides whether the classifier still sees the original's class.
+
+    python -m training.analyses.thesis measure ssl vq [--root runs/thesis --records weights/thesis]
+    python -m training.analyses.thesis report [--records weights/thesis --out reports/fmnist]
+
+``measure`` writes ``<records>/<name>/measure.json`` (committed with the runs' records);
+``report`` joins every one present into ``<out>/thesis.{json,md,html,png}``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import plotly.graph_objects as go
+import torch
+from plotly.subplots import make_subplots
+
+from digit_core import layout
+from digit_core.metrics import PAPER_TABLE1, SNR_LEVELS_DB, bootstrap_ci, disc_encode, token_stability
+from digit_core.pipeline import DiGIT
+from digit_core.runtime import load_bundle
+from training.analyses.common import Section, fmt, probe_accuracy, table, write_section
+from training.data import as_uint8
+from training.evaltools import EvalConfig, classify, frechet_distance, from_uint8, get_classifier, load_splits
+from training.files import atomic_write_text
+from training.layout import LAYOUT
+from training.thesis import TOKENIZERS
+
+SETTINGS = {"temperature": 1.0, "top_k": 100, "top_p": 1.0, "stage2_temperature": 1.0, "stage2_top_k": 0,
+            "stage2_top_p": 0.8}
+"""Every model samples with these (top-k 100 and stage-2 top-p 0.8, the bundled model's defaults)."""
+TEN_DB = SNR_LEVELS_DB.index(10.0)
+PAPER_POINTS = {"VQ tokens": (PAPER_TABLE1["vq_change"][TEN_DB], 24.38),
+                "discriminative tokens": (PAPER_TABLE1["disc_change"][TEN_DB], 9.66)}
+"""(tokens changed at 10 dB, Table 1; FID, Table 3a: ImageNet 256, unconditional, 219M GPT, 200 epochs)."""
+
+
+def ci(hits: np.ndarray, seed: int = 0) -> list[float]:
+    """Mean and bootstrap 95% interval of per-item hits."""
+    return list(bootstrap_ci(lambda i: hits[i].mean(), len(hits), n_boot=500, seed=seed))
+
+
+def fd_ci(feats: np.ndarray, ref: np.ndarray, seed: int = 0) -> list[float]:
+    """Fréchet distance and its bootstrap 95% interval (normal: resampling inflates the distance, not its spread)."""
+    return list(bootstrap_ci(lambda i: frechet_distance(feats[i], ref), len(feats), n_boot=100, seed=seed,
+                             method="normal"))
+
+
+def val_loss(run: Path, stage: str) -> float | None:
+    """The last held-out loss a stage recorded in its ``metrics.jsonl``."""
+    path = run / stage / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    losses = [r["val_loss"] for r in rows if "val_loss" in r]
+    return losses[-1] if losses else None
+
+
+def float_encode(model: DiGIT):
+    """Stage 1's tokens and their features from float images ``[N, H, W, C]`` (unclipped noise)."""
+    def encode(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        t = torch.from_numpy(x).float().permute(0, 3, 1, 2).to(model.device)
+        with torch.inference_mode():
+            if model.config.is_vq:
+                z = model.vqgan.encode_latent(t).permute(0, 2, 3, 1)
+                ids = model.vqgan.quantize.nearest(z.reshape(-1, z.shape[-1])).view(z.shape[:3])
+                return ids.cpu().numpy(), z.cpu().numpy()
+            feats = model.encoder.features(t)
+            return model.codebook.assign(feats)[0].cpu().numpy(), feats.cpu().numpy()
+    return encode
+
+
+def layer_probes(model: DiGIT, tokens_of, train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
+                 batch: int) -> list[float]:
+    """Linear probe of each stage-1 layer's position-averaged hidden state (first token: the null class)."""
+    s1 = model.config.stage1
+
+    @torch.inference_mode()
+    def feats(x: np.ndarray) -> list[np.ndarray]:
+        out = []
+        for i in range(0, len(x), batch):
+            codes = torch.from_numpy(tokens_of(x[i:i + batch]).reshape(len(x[i:i + batch]), -1)).long()
+            idx = layout.stage1_input(s1, torch.full_like(codes[:, :1], s1.null_class_id), codes[:, :-1])
+            out.append([h.float().mean(1).numpy() for h in model.stage1.hidden_states(idx)])
+        return [np.concatenate([o[k] for o in out]) for k in range(len(out[0]))]
+
+    a, b = feats(train[0]), feats(test[0])
+    return [probe_accuracy((a[k], train[1]), (b[k], test[1])) for k in range(len(a))]
+
+
+def measure(name: str, o: argparse.Namespace) -> dict[str, Any]:
+    run = Path(o.root) / name
+    t0 = time.perf_counter()
+    bundle = load_bundle(run / "bundle", threads=o.threads or None)
+    model = DiGIT.load(run / (LAYOUT.model_vq if TOKENIZERS[name].is_vq else LAYOUT.model))
+    cfg = bundle.config
+    ecfg = EvalConfig(data=o.data, test_data=o.test_data, bundle=str(run / "bundle"), classifier=o.classifier,
+                      device="cpu")
+    train, test, classes = load_splits(ecfg, cfg.stage1.num_classes)
+    clf, info = get_classifier(ecfg, train, test, classes, torch.device("cpu"))
+    judge = lambda x: classify(clf, from_uint8(x, cfg.channels), torch.device("cpu"))
+    test_u8, test_y = as_uint8(test.x), test.y.numpy()
+    ref = np.concatenate([judge(test_u8[i:i + 1000])[0] for i in range(0, len(test_u8), 1000)])
+    tokens_of = (lambda x: bundle.vq_encode(x)[0]) if cfg.is_vq else (lambda x: bundle.tokenize(x)[0])
+    feats_of = (lambda x: bundle.vq_encode(x)[1]) if cfg.is_vq else (lambda x: bundle.tokenize(x)[2])
+    r: dict[str, Any] = {"name": name, "label": TOKENIZERS[name].label, "tokens": cfg.tokens,
+                         "encoder": None if cfg.is_vq else {"kind": cfg.encoder.kind, "objective": cfg.encoder.objective,
+                                                            "labels": cfg.encoder.labels, "source": cfg.encoder.source},
+                         "settings": SETTINGS, "guidance": o.guidance, "seeds": o.seeds, "classifier": info}
+
+    # stability (x of the thesis)
+    x = test_u8[: o.n_table1]
+    encode = (lambda im: bundle.vq_encode(im)) if cfg.is_vq else disc_encode(bundle)
+    r["stability"] = {"snr_db": list(SNR_LEVELS_DB), "clipped": token_stability(encode, x, cfg.channels),
+                      "unclipped": token_stability(float_encode(model), x, cfg.channels, clip=False)}
+
+    # information
+    tr_u8, tr_y = as_uint8(train.x[: o.n_probe_train]), train.y[: o.n_probe_train].numpy()
+    te_u8, te_y = test_u8[: o.n_probe_test], test_y[: o.n_probe_test]
+    K = cfg.stage1_vocab
+    bag = lambda im: np.stack([np.bincount(t.ravel(), minlength=K) for t in tokens_of(im)]).astype(np.float32)
+    pool = lambda im: feats_of(im).mean((1, 2))
+    pixels = lambda im: im[..., 0].reshape(len(im), -1).astype(np.float32) / 255
+    chunks = lambda f, im: np.concatenate([f(im[i:i + 500]) for i in range(0, len(im), 500)])
+    r["information"] = {name_: probe_accuracy((chunks(f, tr_u8), tr_y), (chunks(f, te_u8), te_y))
+                        for name_, f in (("bag_of_tokens", bag), ("features", pool), ("pixels", pixels))}
+    r["information"]["stage1_layers"] = layer_probes(model, tokens_of, (tr_u8, tr_y), (te_u8, te_y), 250)
+
+    # modelling
+    s1 = LAYOUT.stage1_vq.stage if cfg.is_vq else LAYOUT.stage1.stage
+    loss = val_loss(run, s1)
+    n_tok = cfg.disc_grid ** 2   # the stage-1 grid (the VQ grid for VQ tokens)
+    r["modelling"] = {"stage1_val_loss": loss, "nats_per_image": loss and loss * n_tok, "tokens_per_image": n_tok,
+                      "stage2_val_loss": None if cfg.is_vq else val_loss(run, LAYOUT.stage2.stage)}
+
+    # generation
+    C = cfg.stage1.num_classes
+    classes_ = np.repeat(np.arange(C), o.n_per_class)
+    gen: dict[str, Any] = {}
+    for label, g in (("unguided", 1.0), ("guided", o.guidance)):
+        hits, feats, per_seed = [], [], []
+        for s in o.seeds:
+            imgs = np.concatenate([bundle.generate(class_ids=classes_[i:i + o.batch], seed=1000 * s + i // o.batch,
+                                                   cfg=g, **SETTINGS).images for i in range(0, len(classes_), o.batch)])
+            f, p = judge(imgs)
+            hits.append(p == classes_)
+            feats.append(f)
+            per_seed.append({"seed": s, "accuracy": float(hits[-1].mean()), "fd": frechet_distance(f, ref)})
+        h, f = np.concatenate(hits), np.concatenate(feats)
+        gen[label] = {"cfg": g, "n": len(h), "accuracy": ci(h), "fd": fd_ci(f, ref), "per_seed": per_seed}
+    comp = {}
+    grid, S = cfg.disc_grid, cfg.image_size
+    for pct in o.prefixes:
+        keep = max(1, round(grid * pct / 100))
+        rows_px = keep * S // grid
+        hits, per_seed = [], []
+        for s in o.seeds:
+            src = test_u8[: o.n_complete]
+            out = np.concatenate([bundle.complete_many(src[i:i + o.batch], keep, seed=1000 * s + i // o.batch,
+                                                       **SETTINGS).images for i in range(0, len(src), o.batch)])
+            out[:, :rows_px] = src[:, :rows_px]   # the same kept pixels for every model: judge only what it made
+            h = judge(out)[1] == judge(src)[1]
+            hits.append(h)
+            per_seed.append({"seed": s, "agreement": float(h.mean())})
+        comp[str(pct)] = {"keep_rows": keep, "of_rows": grid, "n": int(sum(len(h) for h in hits)),
+                          "agreement": ci(np.concatenate(hits)), "per_seed": per_seed}
+    r["generation"], r["completion"] = gen, comp
+    r["seconds"] = round(time.perf_counter() - t0, 1)
+    return r
+
+
+# -- the report ----------------------------------------------------------------------------------------------
+def load_all(records: Path) -> list[dict[str, Any]]:
+    order = list(TOKENIZERS)
+    rows = [json.loads(p.read_text()) for p in sorted(records.glob("*/measure.json"))]
+    return sorted(rows, key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
+
+
+def figure(rows: list[dict[str, Any]]) -> go.Figure:
+    fig = make_subplots(rows=1, cols=3, subplot_titles=(
+        "ours: class accuracy, unguided", "ours: Fréchet distance, unguided", "paper (ImageNet): FID, Table 3a"))
+    for r in rows:
+        x = r["stability"]["clipped"]["change"][TEN_DB]
+        for col, key, scale in ((1, "accuracy", 100), (2, "fd", 1)):
+            est, lo, hi = (v * scale for v in r["generation"]["unguided"][key])
+            fig.add_trace(go.Scatter(x=[x], y=[est], mode="markers+text", text=[r["name"]], textposition="top center",
+                                     error_y={"type": "data", "symmetric": False, "array": [hi - est],
+                                              "arrayminus": [est - lo]}, name=r["name"], showlegend=col == 1,
+                                     legendgroup=r["name"]), 1, col)
+    for label, (x, fid) in PAPER_POINTS.items():
+        fig.add_trace(go.Scatter(x=[x], y=[fid], mode="markers+text", text=[label], textposition="top center",
+                                 marker={"symbol": "diamond", "size": 10, "color": "black"}, showlegend=False), 1, 3)
+    for col in (1, 2, 3):
+        fig.update_xaxes(title_text="tokens changed at 10 dB (Table 1)", row=1, col=col)
+    fig.update_yaxes(title_text="recognised as the class asked (%)", row=1, col=1)
+    fig.update_yaxes(title_text="Fréchet distance (classifier features)", row=1, col=2)
+    fig.update_yaxes(title_text="FID", row=1, col=3)
+    fig.update_layout(height=480, title="Stability (x) against generation (y), equal budgets")
+    return fig
+
+
+def rank_corr(a: list[float], b: list[float]) -> float | None:
+    """Spearman's rank correlation (no ties expected); None for fewer than 3 points."""
+    if len(a) < 3:
+        return None
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def findings(rows: list[dict[str, Any]]) -> list[str]:
+    out = []
+    x = [r["stability"]["clipped"]["change"][TEN_DB] for r in rows]
+    for key, word, sign in (("accuracy", "class accuracy", -1), ("fd", "Fréchet distance", 1)):
+        y = [r["generation"]["unguided"][key][0] for r in rows]
+        rho = rank_corr(x, y)
+        if rho is None:
+            continue
+        holds = sign * rho > 0.5
+        out.append(f"Across the {len(rows)} tokenizers, the rank correlation of tokens changed at 10 dB with the unguided "
+                   f"{word} is {rho:+.2f}: " + ("the thesis's direction (more stable, better samples) holds."
+                                               if holds else "the thesis's direction does not hold at our scale."))
+    best = max(rows, key=lambda r: r["generation"]["unguided"]["accuracy"][0])
+    steady = min(rows, key=lambda r: r["stability"]["clipped"]["change"][TEN_DB])
+    out.append(f"Most stable tokens: {steady['name']} ({steady['stability']['clipped']['change'][TEN_DB]:.3f} changed "
+               f"at 10 dB); best unguided samples: {best['name']} ({100 * best['generation']['unguided']['accuracy'][0]:.1f}% "
+               "recognised)." + ("" if best is steady else " They are not the same tokenizer."))
+    return out
+
+
+def markdown(rows: list[dict[str, Any]], missing: list[str]) -> str:
+    pct = lambda v: f"{100 * v[0]:.1f} [{100 * v[1]:.1f}, {100 * v[2]:.1f}]"
+    fd = lambda v: f"{v[0]:.2f} [{v[1]:.2f}, {v[2]:.2f}]"
+    head = ["tokenizer", "changed 10 dB (clipped / unclipped)", "measured SNR at 10 dB", "bag-of-tokens probe",
+            "stage-1 loss nats/token (/image)", "unguided acc %", "unguided FD", "guided acc %", "guided FD",
+            "completion 50% %", "completion 12.5% %"]
+    body = []
+    for r in rows:
+        st, m, g, c = r["stability"], r["modelling"], r["generation"], r["completion"]
+        body.append([r["name"], f"{st['clipped']['change'][TEN_DB]:.3f} / {st['unclipped']['change'][TEN_DB]:.3f}",
+                     f"{st['clipped']['snr_measured'][TEN_DB]:.2f} dB", fmt(r["information"]["bag_of_tokens"]),
+                     f"{fmt(m['stage1_val_loss'])} ({fmt(m['nats_per_image'], 1)})",
+                     pct(g["unguided"]["accuracy"]), fd(g["unguided"]["fd"]), pct(g["guided"]["accuracy"]),
+                     fd(g["guided"]["fd"]), pct(c["50.0"]["agreement"]), pct(c["12.5"]["agreement"])])
+    layers = [[r["name"], fmt(r["information"]["pixels"]), fmt(r["information"]["features"]),
+               " / ".join(fmt(v) for v in r["information"]["stage1_layers"])] for r in rows]
+    seeds = [[r["name"], k, " / ".join(f"{100 * s['accuracy']:.1f}" for s in r["generation"][k]["per_seed"]),
+              " / ".join(f"{s['fd']:.2f}" for s in r["generation"][k]["per_seed"])]
+             for r in rows for k in ("unguided", "guided")]
+    g = rows[0]["guidance"] if rows else None
+    text = [table(head, body), "",
+            f"Intervals: bootstrap 95% over the samples of all {len(rows[0]['seeds']) if rows else 0} sampling seeds "
+            f"pooled; guided = cfg {g}; every model samples with {json.dumps(SETTINGS)}.", "",
+            "**Per sampling seed** (accuracy % / Fréchet distance):", "",
+            table(["tokenizer", "sampling", "accuracy by seed", "FD by seed"], seeds), "",
+            "**Information** (linear probes on test images; stage-1 layers 0..L, first token the null class):", "",
+            table(["tokenizer", "pixels", "pooled features", "stage-1 layers"], layers), "",
+            "**Findings**", ""] + [f"- {f}" for f in findings(rows)]
+    if missing:
+        text += ["", f"Not measured yet: {', '.join(missing)} (`python -m training.thesis` trains them)."]
+    return "\n".join(text)
+
+
+def report(o: argparse.Namespace) -> None:
+    rows = load_all(Path(o.records))
+    if not rows:
+        raise SystemExit(f"no {o.records}/*/measure.json: run `measure` first")
+    missing = [n for n in TOKENIZERS if n not in {r["name"] for r in rows}]
+    data = {"tokenizers": rows, "missing": missing, "paper_points": PAPER_POINTS, "settings": SETTINGS}
+    section = Section("thesis", "The thesis: token stability against generation, across tokenizers", data,
+                      figure(rows), markdown(rows, missing))
+    for p in write_section(Path(o.out), section, png=not o.no_png):
+        print(f"wrote {p}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("command", choices=("measure", "report"))
+    ap.add_argument("tokenizers", nargs="*", help=f"measure: some of {', '.join(TOKENIZERS)}")
+    ap.add_argument("--root", default="runs/thesis")
+    ap.add_argument("--records", default="weights/thesis")
+    ap.add_argument("--out", default="reports/fmnist")
+    ap.add_argument("--data", default="fmnist", help="the training split (probe images; the classifier's)")
+    ap.add_argument("--test_data", default="", help="default fmnist:test for fmnist (training.evaluate's rule)")
+    ap.add_argument("--classifier", default="", help="default training.evaluate's cache")
+    ap.add_argument("--seeds", type=lambda s: [int(v) for v in s.split(",")], default=[0, 1, 2])
+    ap.add_argument("--guidance", type=float, default=3.0)
+    ap.add_argument("--n_per_class", type=int, default=100)
+    ap.add_argument("--n_complete", type=int, default=300)
+    ap.add_argument("--prefixes", type=lambda s: [float(v) for v in s.split(",")], default=[50.0, 12.5])
+    ap.add_argument("--n_table1", type=int, default=1000)
+    ap.add_argument("--n_probe_train", type=int, default=5000)
+    ap.add_argument("--n_probe_test", type=int, default=2000)
+    ap.add_argument("--batch", type=int, default=100)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--no_png", action="store_true")
+    o = ap.parse_args(argv)
+    if o.command == "report":
+        return report(o)
+    if not o.tokenizers or (bad := sorted(set(o.tokenizers) - set(TOKENIZERS))):
+        ap.error(f"measure takes some of {', '.join(TOKENIZERS)}" + (f"; unknown: {bad}" if o.tokenizers else ""))
+    for name in o.tokenizers:
+        r = measure(name, o)
+        path = Path(o.records) / name / "measure.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(r, indent=2))
+        print(f"wrote {path} ({r['seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
