@@ -38,6 +38,10 @@ def test_sweep_trains_measures_and_reports_two_tokenizers(tmp_path: Path) -> Non
     for name in ("vq", "vit-untrained"):
         assert (tmp_path / f"runs/{name}/bundle/manifest.json").is_file()
     assert not (tmp_path / "runs/vq/stage2").exists()   # VQ codes need no stage 2
+    # a second training seed: its own run, the seed-0 run's tokenizer
+    run("training.thesis", "train", "vit-untrained", "--train_seed=1", "--stages=stage1", *sweep)
+    c = json.loads((tmp_path / "runs/vit-untrained-seed1/stage1/train_config.json").read_text())
+    assert c["seed"] == 1 and c["encoder"] == str(enc) and not (tmp_path / "runs/vit-untrained-seed1/ssl").exists()
     run("training.thesis", "records", "vq", "vit-untrained", *sweep, f"--out={tmp_path / 'records'}")
     assert (tmp_path / "records/vit-untrained/stage2/metrics.jsonl").is_file()
     assert (tmp_path / "records/vq/stage1_vq/train_config.json").is_file()

@@ -20,6 +20,7 @@ if __name__ == "__main__" and not __package__:   # run as a file, training/ woul
     raise SystemExit("run the stages as modules from the repository root: python -m training.thesis --help")
 
 import argparse
+import dataclasses
 import shutil
 import subprocess
 import sys
@@ -79,20 +80,32 @@ class Sweep:
     vqgan: str = VQGAN
     model: str = ""                        # one preset for every tokenizer (e.g. a tiny one); "" = each its own
     sources: dict[str, str] | None = None  # tokenizer -> another bundle or weights folder for its encoder
+    train_seed: int = 0                    # the GPTs' seed (init, data order); the tokenizer is seed 0's run's
 
     def tokenizer(self, name: str) -> Tokenizer:
         t = TOKENIZERS[name]
         src = (self.sources or {}).get(name, t.encoder)
         return Tokenizer(t.label, self.model or t.model, src, t.seed)
 
+    def run_dir(self, name: str, train_seed: int | None = None) -> Path:
+        """``<root>/<name>``, or ``<root>/<name>-seed<k>`` for another training seed."""
+        k = self.train_seed if train_seed is None else train_seed
+        return self.root / (name if k == 0 else f"{name}-seed{k}")
+
     def args(self, name: str) -> list[str]:
         """What every stage of this tokenizer's run is called with."""
-        return ["--config", self.recipe, f"--root={self.root / name}", f"--model={self.tokenizer(name).model}"]
+        out = ["--config", self.recipe, f"--root={self.run_dir(name)}", f"--model={self.tokenizer(name).model}"]
+        if self.train_seed:
+            out.append(f"--seed={self.train_seed}")
+            if not self.tokenizer(name).is_vq:   # the tokenizer is shared with the seed-0 run
+                first = self.run_dir(name, 0)
+                out += [f"--encoder={first / LAYOUT.encoder.path}", f"--codebook={first / LAYOUT.codebook.path}"]
+        return out
 
 
 def prepare(sw: Sweep, name: str) -> None:
     """The tokenizer's ``ssl/encoder.safetensors`` and ``kmeans/codebook.safetensors`` under its run."""
-    t, run = sw.tokenizer(name), sw.root / name
+    t, run = sw.tokenizer(name), sw.run_dir(name, 0)
     if t.is_vq or (run / LAYOUT.codebook.path).is_file():
         return
     if t.encoder == "untrained":
@@ -104,8 +117,9 @@ def prepare(sw: Sweep, name: str) -> None:
         atomic_save(encoder.state_dict(), run / LAYOUT.encoder.path,
                     {"model": cfg.to_dict(), "objective": "untrained", "labels": False,
                      "source": f"{kind} untrained (random initialisation, seed {t.seed})"})
-        stage("features", *sw.args(name))
-        stage("kmeans", *sw.args(name))
+        seed0 = dataclasses.replace(sw, train_seed=0)
+        stage("features", *seed0.args(name))
+        stage("kmeans", *seed0.args(name))
     elif (Path(t.encoder) / "manifest.json").is_file():
         from training.unbundle import unbundle
         unbundle(t.encoder, run)
@@ -118,9 +132,9 @@ def prepare(sw: Sweep, name: str) -> None:
 
 def train(sw: Sweep, name: str, stages: list[str]) -> None:
     """The stages of one tokenizer in order: stage 1, stage 2 (not for VQ codes), the bundle."""
-    t, run, args = sw.tokenizer(name), sw.root / name, sw.args(name)
-    if not t.is_vq and not (run / LAYOUT.codebook.path).is_file():
-        raise SystemExit(f"{run}: no tokenizer yet; run `python -m training.thesis prepare {name}` first")
+    t, run, args = sw.tokenizer(name), sw.run_dir(name), sw.args(name)
+    if not t.is_vq and not (sw.run_dir(name, 0) / LAYOUT.codebook.path).is_file():
+        raise SystemExit(f"{sw.run_dir(name, 0)}: no tokenizer yet; run `python -m training.thesis prepare {name}` first")
     vq = ["--tokens=vq"] if t.is_vq else []
     for s in stages:
         if s == "stage1":
@@ -134,14 +148,13 @@ def train(sw: Sweep, name: str, stages: list[str]) -> None:
                             "--out", str(run / "bundle"), "--weights", "float16"], check=True)
 
 
-def records(name: str, root: Path, out: Path) -> None:
-    """Copy each stage's ``train_config.json`` and ``metrics.jsonl`` to ``<out>/<name>/<stage>/``."""
-    run = root / name
+def records(run: Path, out: Path) -> None:
+    """Copy each stage's ``train_config.json`` and ``metrics.jsonl`` to ``<out>/<run name>/<stage>/``."""
     for folder in sorted(p for p in run.iterdir() if p.is_dir()):
-        files = [folder / f for f in RECORDS if (folder / f).is_file()]
-        for f in files:
-            (out / name / folder.name).mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(f, out / name / folder.name / f.name)
+        for f in (folder / r for r in RECORDS):
+            if f.is_file():
+                (out / run.name / folder.name).mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(f, out / run.name / folder.name / f.name)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -156,13 +169,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", default="", help="one preset for every tokenizer instead of each its own")
     ap.add_argument("--source", action="append", default=[], metavar="NAME=PATH",
                     help="another bundle or weights folder for a tokenizer's encoder")
+    ap.add_argument("--train_seed", type=int, default=0,
+                    help="another seed of the GPTs, run in <root>/<name>-seed<k> on seed 0's tokenizer")
     a = ap.parse_args(argv)
     from training.config import RunConfig, parse_config
     sources = dict(s.split("=", 1) for s in a.source)
     if bad := sorted(set(sources) - set(TOKENIZERS)):
         raise SystemExit(f"--source names unknown tokenizers {bad}")
     root = Path(a.root or parse_config(RunConfig, ["--config", a.config]).root)
-    sw = Sweep(root, a.config, a.vqgan, a.model, sources)
+    sw = Sweep(root, a.config, a.vqgan, a.model, sources, a.train_seed)
     stages = [s for s in a.stages.split(",") if s]
     if bad := [s for s in stages if s not in STAGES]:
         raise SystemExit(f"unknown stages {bad}; choose from {', '.join(STAGES)}")
@@ -172,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
         elif a.command == "train":
             train(sw, name, stages)
         else:
-            records(name, root, Path(a.out))
+            records(sw.run_dir(name), Path(a.out))
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ from training.data import as_uint8
 from training.evaltools import EvalConfig, classify, frechet_distance, from_uint8, get_classifier, load_splits
 from training.files import atomic_write_text
 from training.layout import LAYOUT
-from training.thesis import TOKENIZERS
+from training.thesis import TOKENIZERS, Sweep
 
 SETTINGS = {"temperature": 1.0, "top_k": 100, "top_p": 1.0, "stage2_temperature": 1.0, "stage2_top_k": 0,
             "stage2_top_p": 0.8}
@@ -109,7 +109,7 @@ def layer_probes(model: DiGIT, tokens_of, train: tuple[np.ndarray, np.ndarray], 
 
 
 def measure(name: str, o: argparse.Namespace) -> dict[str, Any]:
-    run = Path(o.root) / name
+    run = Sweep(Path(o.root), train_seed=o.train_seed).run_dir(name)
     t0 = time.perf_counter()
     bundle = load_bundle(run / "bundle", threads=o.threads or None)
     model = DiGIT.load(run / (LAYOUT.model_vq if TOKENIZERS[name].is_vq else LAYOUT.model))
@@ -123,7 +123,8 @@ def measure(name: str, o: argparse.Namespace) -> dict[str, Any]:
     ref = np.concatenate([judge(test_u8[i:i + 1000])[0] for i in range(0, len(test_u8), 1000)])
     tokens_of = (lambda x: bundle.vq_encode(x)[0]) if cfg.is_vq else (lambda x: bundle.tokenize(x)[0])
     feats_of = (lambda x: bundle.vq_encode(x)[1]) if cfg.is_vq else (lambda x: bundle.tokenize(x)[2])
-    r: dict[str, Any] = {"name": name, "label": TOKENIZERS[name].label, "tokens": cfg.tokens,
+    r: dict[str, Any] = {"name": name, "run": run.name, "train_seed": o.train_seed, "label": TOKENIZERS[name].label,
+                         "tokens": cfg.tokens,
                          "encoder": None if cfg.is_vq else {"kind": cfg.encoder.kind, "objective": cfg.encoder.objective,
                                                             "labels": cfg.encoder.labels, "source": cfg.encoder.source},
                          "settings": SETTINGS, "guidance": o.guidance, "seeds": o.seeds, "classifier": info}
@@ -193,7 +194,12 @@ def measure(name: str, o: argparse.Namespace) -> dict[str, Any]:
 def load_all(records: Path) -> list[dict[str, Any]]:
     order = list(TOKENIZERS)
     rows = [json.loads(p.read_text()) for p in sorted(records.glob("*/measure.json"))]
-    return sorted(rows, key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
+    return sorted(rows, key=lambda r: (order.index(r["name"]) if r["name"] in order else len(order),
+                                       r.get("train_seed", 0)))
+
+
+def run_name(r: dict[str, Any]) -> str:
+    return r.get("run", r["name"])
 
 
 def figure(rows: list[dict[str, Any]]) -> go.Figure:
@@ -203,10 +209,10 @@ def figure(rows: list[dict[str, Any]]) -> go.Figure:
         x = r["stability"]["clipped"]["change"][TEN_DB]
         for col, key, scale in ((1, "accuracy", 100), (2, "fd", 1)):
             est, lo, hi = (v * scale for v in r["generation"]["unguided"][key])
-            fig.add_trace(go.Scatter(x=[x], y=[est], mode="markers+text", text=[r["name"]], textposition="top center",
+            fig.add_trace(go.Scatter(x=[x], y=[est], mode="markers+text", text=[run_name(r)], textposition="top center",
                                      error_y={"type": "data", "symmetric": False, "array": [hi - est],
-                                              "arrayminus": [est - lo]}, name=r["name"], showlegend=col == 1,
-                                     legendgroup=r["name"]), 1, col)
+                                              "arrayminus": [est - lo]}, name=run_name(r), showlegend=col == 1,
+                                     legendgroup=run_name(r)), 1, col)
     for label, (x, fid) in PAPER_POINTS.items():
         fig.add_trace(go.Scatter(x=[x], y=[fid], mode="markers+text", text=[label], textposition="top center",
                                  marker={"symbol": "diamond", "size": 10, "color": "black"}, showlegend=False), 1, 3)
@@ -227,8 +233,10 @@ def rank_corr(a: list[float], b: list[float]) -> float | None:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def findings(rows: list[dict[str, Any]]) -> list[str]:
+def findings(runs: list[dict[str, Any]]) -> list[str]:
+    """Computed on each tokenizer's first training seed; other seeds give the training spread."""
     out = []
+    rows = [r for r in runs if r.get("train_seed", 0) == 0]
     x = [r["stability"]["clipped"]["change"][TEN_DB] for r in rows]
     for key, word, sign in (("accuracy", "class accuracy", -1), ("fd", "Fréchet distance", 1)):
         y = [r["generation"]["unguided"][key][0] for r in rows]
@@ -244,6 +252,13 @@ def findings(rows: list[dict[str, Any]]) -> list[str]:
     out.append(f"Most stable tokens: {steady['name']} ({steady['stability']['clipped']['change'][TEN_DB]:.3f} changed "
                f"at 10 dB); best unguided samples: {best['name']} ({100 * best['generation']['unguided']['accuracy'][0]:.1f}% "
                "recognised)." + ("" if best is steady else " They are not the same tokenizer."))
+    for name in dict.fromkeys(r["name"] for r in runs):
+        same = [r for r in runs if r["name"] == name]
+        if len(same) > 1:
+            acc = ", ".join(f"{100 * r['generation']['unguided']['accuracy'][0]:.1f}%" for r in same)
+            fd = ", ".join(f"{r['generation']['unguided']['fd'][0]:.2f}" for r in same)
+            out.append(f"Training seeds of {name} ({', '.join(str(r.get('train_seed', 0)) for r in same)}): "
+                       f"unguided accuracy {acc}; Fréchet distance {fd}.")
     return out
 
 
@@ -256,14 +271,14 @@ def markdown(rows: list[dict[str, Any]], missing: list[str]) -> str:
     body = []
     for r in rows:
         st, m, g, c = r["stability"], r["modelling"], r["generation"], r["completion"]
-        body.append([r["name"], f"{st['clipped']['change'][TEN_DB]:.3f} / {st['unclipped']['change'][TEN_DB]:.3f}",
+        body.append([run_name(r), f"{st['clipped']['change'][TEN_DB]:.3f} / {st['unclipped']['change'][TEN_DB]:.3f}",
                      f"{st['clipped']['snr_measured'][TEN_DB]:.2f} dB", fmt(r["information"]["bag_of_tokens"]),
                      f"{fmt(m['stage1_val_loss'])} ({fmt(m['nats_per_image'], 1)})",
                      pct(g["unguided"]["accuracy"]), fd(g["unguided"]["fd"]), pct(g["guided"]["accuracy"]),
                      fd(g["guided"]["fd"]), pct(c["50.0"]["agreement"]), pct(c["12.5"]["agreement"])])
-    layers = [[r["name"], fmt(r["information"]["pixels"]), fmt(r["information"]["features"]),
+    layers = [[run_name(r), fmt(r["information"]["pixels"]), fmt(r["information"]["features"]),
                " / ".join(fmt(v) for v in r["information"]["stage1_layers"])] for r in rows]
-    seeds = [[r["name"], k, " / ".join(f"{100 * s['accuracy']:.1f}" for s in r["generation"][k]["per_seed"]),
+    seeds = [[run_name(r), k, " / ".join(f"{100 * s['accuracy']:.1f}" for s in r["generation"][k]["per_seed"]),
               " / ".join(f"{s['fd']:.2f}" for s in r["generation"][k]["per_seed"])]
              for r in rows for k in ("unguided", "guided")]
     g = rows[0]["guidance"] if rows else None
@@ -312,6 +327,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n_probe_test", type=int, default=2000)
     ap.add_argument("--batch", type=int, default=100)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--train_seed", type=int, default=0, help="measure <root>/<name>-seed<k> (training.thesis --train_seed)")
     ap.add_argument("--no_png", action="store_true")
     o = ap.parse_args(argv)
     if o.command == "report":
@@ -320,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"measure takes some of {', '.join(TOKENIZERS)}" + (f"; unknown: {bad}" if o.tokenizers else ""))
     for name in o.tokenizers:
         r = measure(name, o)
-        path = Path(o.records) / name / "measure.json"
+        path = Path(o.records) / r["run"] / "measure.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(r, indent=2))
         print(f"wrote {path} ({r['seconds']:.0f} s)")
