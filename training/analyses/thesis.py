@@ -38,6 +38,7 @@ import torch
 from plotly.subplots import make_subplots
 
 from digit_core import layout
+from digit_core.flows import keep_rows_for
 from digit_core.metrics import PAPER_TABLE1, SNR_LEVELS_DB, bootstrap_ci, disc_encode, token_stability
 from digit_core.pipeline import DiGIT
 from digit_core.runtime import load_bundle
@@ -172,7 +173,7 @@ def measure(name: str, o: argparse.Namespace) -> dict[str, Any]:
     comp = {}
     grid, S = cfg.disc_grid, cfg.image_size
     for pct in o.prefixes:
-        keep = max(1, round(grid * pct / 100))
+        keep = keep_rows_for(pct, grid)
         rows_px = keep * S // grid
         hits, per_seed = [], []
         for s in o.seeds:
