@@ -42,6 +42,9 @@ def test_sweep_trains_measures_and_reports_two_tokenizers(tmp_path: Path) -> Non
     run("training.thesis", "train", "vit-untrained", "--train_seed=1", "--stages=stage1", *sweep)
     c = json.loads((tmp_path / "runs/vit-untrained-seed1/stage1/train_config.json").read_text())
     assert c["seed"] == 1 and c["encoder"] == str(enc) and not (tmp_path / "runs/vit-untrained-seed1/ssl").exists()
+    # seed 0's token cache had the same key, so the stage used it instead of writing its own
+    assert (tmp_path / "runs/vit-untrained-seed1/stage1/tokens.safetensors").samefile(
+        tmp_path / "runs/vit-untrained/stage1/tokens.safetensors")
     run("training.thesis", "records", "vq", "vit-untrained", *sweep, f"--out={tmp_path / 'records'}")
     assert (tmp_path / "records/vit-untrained/stage2/metrics.jsonl").is_file()
     assert (tmp_path / "records/vq/stage1_vq/train_config.json").is_file()
