@@ -179,16 +179,21 @@ class Stage2Config:
 
 @dataclass
 class SamplingConfig:
-    """Defaults the app and CLIs start from."""
+    """Defaults the app and CLIs start from; ``cfg_scale`` is the classifier-free guidance scale."""
 
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
-    cfg: float | None = None
+    cfg_scale: float | None = None
     stage2_temperature: float = 1.0
     stage2_top_k: int | None = None
     stage2_top_p: float | None = 0.8
 
+
+RENAMED_SAMPLING = {"cfg": "cfg_scale"}
+"""Old names of sampling settings -> their names now. ``DiGITConfig.from_dict`` reads a config's
+``sampling`` section under either (bundle formats 3 and 4 wrote ``cfg``); the flows take the old
+keyword with a DeprecationWarning."""
 
 TOKENS = ("disc", "vq")
 LAYOUTS = ("ours", "fairseq")   # how the token ids are numbered: digit_core.layout, presets.our_layout / fairseq_layout
@@ -323,7 +328,7 @@ class DiGITConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DiGITConfig":
-        return _from_dict(cls, d)
+        return _from_dict(cls, _current_sampling_names(d))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))
@@ -335,6 +340,18 @@ class DiGITConfig:
         except json.JSONDecodeError as err:
             raise ConfigError(f"{path}: not valid JSON ({err})") from None
         return cls.from_dict(d).validate()
+
+
+def _current_sampling_names(d: Any) -> Any:
+    """``d`` with the old key names of its ``sampling`` section (``RENAMED_SAMPLING``) replaced by
+    the current ones; a section with both names of one setting is a ConfigError."""
+    s = d.get("sampling") if isinstance(d, dict) else None
+    if not isinstance(s, dict):
+        return d
+    for old, new in RENAMED_SAMPLING.items():
+        if old in s and new in s:
+            raise ConfigError(f"SamplingConfig: both {new} and {old} (its old name) are set; keep {new} only")
+    return {**d, "sampling": {RENAMED_SAMPLING.get(k, k): v for k, v in s.items()}}
 
 
 def _from_dict(cls: type, d: Any) -> Any:

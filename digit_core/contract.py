@@ -23,9 +23,10 @@ from .typecheck import check_dataclass
 
 FORMAT = "digit-bundle"
 # 2: vq_encoder also returns its latents; 3: stage graphs take per-layer caches and return kv;
-# 4: the graphs follow the config's kind (a VQ-token bundle has three), files may be a sibling's
-FORMAT_VERSION = 4
-SUPPORTED_FORMAT_VERSIONS = (3, 4)
+# 4: the graphs follow the config's kind (a VQ-token bundle has three), files may be a sibling's;
+# 5: config.json's sampling.cfg is sampling.cfg_scale (3 and 4 are read with the old key: config.RENAMED_SAMPLING)
+FORMAT_VERSION = 5
+SUPPORTED_FORMAT_VERSIONS = (3, 4, 5)
 SUPPORTED_OPSETS = range(13, 22)
 MAX_IR_VERSION = 13          # onnxruntime 1.31 reads <= 13 (onnx 1.23 writes 14 unless told)
 MAX_JSON_BYTES = 4 << 20     # manifest.json / config.json: ImageNet's 1,000 class names take ~40 KB

@@ -14,13 +14,15 @@ apart, and tests compare them on equal inputs.
 
 Sampling settings follow one rule everywhere: a knob left out (or None) takes the model's
 default (``config.sampling``); an explicit value is used as given, and "off" is spelled
-``top_k=0``, ``top_p=1``, ``cfg=1``. Every generation records the settings it used
+``top_k=0``, ``top_p=1``, ``cfg_scale=1``. Every generation records the settings it used
 (``Generation.settings``). Every number is validated here, before any network runs.
 """
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Callable
@@ -28,8 +30,8 @@ from typing import Callable
 import numpy as np
 
 from . import layout
-from .config import DiGITConfig
-from .sampling import (Sampler, check_cfg, check_number, check_seed, check_temperature, check_top_k, check_top_p,
+from .config import RENAMED_SAMPLING, DiGITConfig
+from .sampling import (Sampler, check_cfg_scale, check_number, check_seed, check_temperature, check_top_k, check_top_p,
                        guide, row_generators, softmax)
 
 StepFn = Callable[[np.ndarray, int], np.ndarray]
@@ -42,12 +44,12 @@ OnToken = Callable[[int, np.ndarray], None]
 @dataclass(frozen=True)
 class SamplingSettings:
     """The sampling settings of one generation, every knob resolved: "off" is ``top_k`` 0,
-    ``top_p`` 1.0 and ``cfg`` 1.0 (also when guidance does not apply to the call)."""
+    ``top_p`` 1.0 and ``cfg_scale`` 1.0 (also when guidance does not apply to the call)."""
 
     temperature: float
     top_k: int
     top_p: float
-    cfg: float
+    cfg_scale: float
     stage2_temperature: float
     stage2_top_k: int
     stage2_top_p: float
@@ -71,11 +73,31 @@ class Generation:
 
 _KNOB_CHECKS: dict[str, tuple[Callable[[object, str], float | int], float | int]] = {
     "temperature": (check_temperature, 1.0), "top_k": (check_top_k, 0), "top_p": (check_top_p, 1.0),
-    "cfg": (check_cfg, 1.0), "stage2_temperature": (check_temperature, 1.0), "stage2_top_k": (check_top_k, 0),
-    "stage2_top_p": (check_top_p, 1.0)}
+    "cfg_scale": (check_cfg_scale, 1.0), "stage2_temperature": (check_temperature, 1.0),
+    "stage2_top_k": (check_top_k, 0), "stage2_top_p": (check_top_p, 1.0)}
 """Each knob's check and its neutral value (what a config's None means: off, or plain temperature 1)."""
 KNOBS = tuple(_KNOB_CHECKS)
 """The sampling keyword arguments of ``generate``/``complete_many`` (and of the calls that forward to them)."""
+
+
+def _current_names(knobs: dict[str, float | int | None]) -> dict[str, float | int | None]:
+    """``knobs`` with each old name of a knob (``config.RENAMED_SAMPLING``) replaced by its name now,
+    with a DeprecationWarning at the first caller outside this module; both names given is a TypeError."""
+    out = dict(knobs)
+    for old, new in RENAMED_SAMPLING.items():
+        if old not in out:
+            continue
+        value = out.pop(old)
+        if value is not None and out.get(new) is not None:
+            raise TypeError(f"{new} and {old} (its old name) both given: pass {new} only")
+        level, frame = 1, sys._getframe()
+        while frame is not None and frame.f_code.co_filename == __file__:
+            level, frame = level + 1, frame.f_back
+        warnings.warn(f"the sampling keyword {old}= is deprecated: pass {new}= instead (the same value)",
+                      DeprecationWarning, stacklevel=level)
+        if value is not None:
+            out[new] = value
+    return out
 
 
 def check_positive_int(value: object, name: str = "n") -> int:
@@ -177,8 +199,11 @@ class Flows(ABC):
     def sampling_settings(self, *, no_guidance: str | None = None, **knobs: float | int | None) -> SamplingSettings:
         """Resolve and validate the sampling knobs (``KNOBS``): None takes ``config.sampling``'s
         default, anything else must be a valid explicit value. ``no_guidance`` says why this call
-        cannot be guided (then the default guidance is off and an explicit ``cfg`` other than 1 is
-        an error); None means it can when the model has a null class (label dropout)."""
+        cannot be guided (then the default guidance is off and an explicit ``cfg_scale`` other than
+        1 is an error); None means it can when the model has a null class (label dropout). A knob's
+        old name (``cfg``) still works here and in every call that forwards to this one, with a
+        DeprecationWarning."""
+        knobs = _current_names(knobs)
         unknown = sorted(set(knobs) - set(KNOBS))
         if unknown:
             raise TypeError(f"unknown sampling settings {unknown}; the knobs are {', '.join(KNOBS)}")
@@ -197,9 +222,10 @@ class Flows(ABC):
             default = getattr(d, name)   # None in a config is off (the neutral value)
             out[name] = neutral if default is None else check(default, f"the model's default sampling.{name}")
         if no_guidance is not None:
-            if knobs.get("cfg") is not None and out["cfg"] != 1.0:
-                raise ValueError(f"cfg={out['cfg']:g} asked for, but {no_guidance} (pass cfg=1 or leave it out)")
-            out["cfg"] = 1.0
+            if knobs.get("cfg_scale") is not None and out["cfg_scale"] != 1.0:
+                raise ValueError(f"cfg_scale={out['cfg_scale']:g} asked for, but {no_guidance} "
+                                 "(pass cfg_scale=1 or leave it out)")
+            out["cfg_scale"] = 1.0
         return SamplingSettings(**out)
 
     # -- generate -----------------------------------------------------------------------------------
@@ -210,19 +236,20 @@ class Flows(ABC):
 
     def generate(self, class_ids: list[int] | np.ndarray | None = None, *, n: int | None = None, seed: int = 0,
                  temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                 cfg: float | None = None, stage2_temperature: float | None = None,
+                 cfg_scale: float | None = None, stage2_temperature: float | None = None,
                  stage2_top_k: int | None = None, stage2_top_p: float | None = None,
-                 on_token: OnToken | None = None) -> Generation:
+                 on_token: OnToken | None = None, **old_names: float | int | None) -> Generation:
         """Stage 1 from a class (or ``n`` unconditionally), then stage 2 and the VQ decoder.
 
         Each sampling knob left out (None) takes the model's default (``config.sampling``); an
-        explicit value is used as given: ``top_k`` 0, ``top_p`` 1 and ``cfg`` 1 are off. ``cfg``
-        s mixes logits as ``u + s * (c - u)`` (a model with label dropout, and class_ids).
+        explicit value is used as given: ``top_k`` 0, ``top_p`` 1 and ``cfg_scale`` 1 are off.
+        ``cfg_scale`` s mixes logits as ``u + s * (c - u)`` (a model with label dropout, and
+        class_ids). ``old_names``: a knob's old name, deprecated (``sampling_settings``).
         """
         classes = self.check_classes(class_ids, n)   # None only for an unconditional model: no guidance
-        settings = self.sampling_settings(temperature=temperature, top_k=top_k, top_p=top_p, cfg=cfg,
+        settings = self.sampling_settings(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale,
                                           stage2_temperature=stage2_temperature, stage2_top_k=stage2_top_k,
-                                          stage2_top_p=stage2_top_p)
+                                          stage2_top_p=stage2_top_p, **old_names)
         B = len(classes) if classes is not None else int(n)
         return self._generate(classes, B, None, check_seed(seed), settings, on_token)
 
@@ -255,9 +282,10 @@ class Flows(ABC):
 
     def complete_many(self, images: np.ndarray, keep_rows: int, *, class_ids: list[int] | np.ndarray | None = None,
                       seed: int = 0, temperature: float | None = None, top_k: int | None = None,
-                      top_p: float | None = None, cfg: float | None = None, stage2_temperature: float | None = None,
-                      stage2_top_k: int | None = None, stage2_top_p: float | None = None,
-                      on_token: OnToken | None = None) -> Generation:
+                      top_p: float | None = None, cfg_scale: float | None = None,
+                      stage2_temperature: float | None = None, stage2_top_k: int | None = None,
+                      stage2_top_p: float | None = None, on_token: OnToken | None = None,
+                      **old_names: float | int | None) -> Generation:
         """One completion of each image ``[N, H, W, 3]`` from its top ``keep_rows`` token rows, as
         one batch (row ``i`` seeded by ``(seed, i)``); the sampling knobs are ``generate``'s. A
         class-conditional model is conditioned on ``class_ids``, or on its null class when None
@@ -283,8 +311,9 @@ class Flows(ABC):
         else:
             raise ValueError("this class-conditional model has no null class: pass class_ids")
         settings = self.sampling_settings(
-            no_guidance=no_guidance, temperature=temperature, top_k=top_k, top_p=top_p, cfg=cfg,
-            stage2_temperature=stage2_temperature, stage2_top_k=stage2_top_k, stage2_top_p=stage2_top_p)
+            no_guidance=no_guidance, temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale,
+            stage2_temperature=stage2_temperature, stage2_top_k=stage2_top_k, stage2_top_p=stage2_top_p,
+            **old_names)
         encode = self.encode_vq if self.config.is_vq else self.encode_disc   # the stage-1 tokens of the images
         codes = encode(images)[0].reshape(N, -1)[:, : keep_rows * grid]
         null = classes is None and s1.num_classes > 0
@@ -293,7 +322,7 @@ class Flows(ABC):
     def _generate(self, classes: np.ndarray | None, B: int, prefix: np.ndarray | None, seed: int,
                   settings: SamplingSettings, on_token: OnToken | None, null: bool = False) -> Generation:
         st = settings
-        cfg_scale = st.cfg if st.cfg != 1.0 else None   # scale 1 is the plain conditional: skip the null-class rows
+        cfg_scale = st.cfg_scale if st.cfg_scale != 1.0 else None   # 1 is the plain conditional: skip the null-class rows
         rngs = row_generators(seed, B)
         t0 = time.perf_counter()
         first = layout.first_tokens(self.config.stage1, classes, B, null=null)

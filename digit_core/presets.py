@@ -103,7 +103,7 @@ def fmnist_small() -> DiGITConfig:
         gpt2=dict(n_layer=4, n_head=8, d_model=256, d_ff=512),
         class_names=FMNIST_CLASSES,
         # the label-trained model's defaults (its evaluation: reports/fmnist-supervised-eval)
-        sampling=SamplingConfig(temperature=1.0, top_k=100, top_p=None, cfg=2.5),
+        sampling=SamplingConfig(temperature=1.0, top_k=100, top_p=None, cfg_scale=2.5),
     )
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 SEED_LIMIT = 2 ** 63
 """Seeds are in ``[0, 2**63)``: they fit a signed 64-bit integer wherever they are stored (JSON, numpy)."""
-MAX_CFG = 100.0
+MAX_CFG_SCALE = 100.0
 """Guidance scales above this only push the guided logits towards float overflow (inf - inf = NaN)."""
 
 
@@ -56,9 +56,9 @@ def check_top_p(value: object, name: str = "top_p") -> float:
     return float(check_number(name, value, lambda v: 0 < v <= 1, "a finite number in (0, 1] (1 = off)"))
 
 
-def check_cfg(value: object, name: str = "cfg") -> float:
-    return float(check_number(name, value, lambda v: 0 <= v <= MAX_CFG,
-                              f"a finite number in [0, {MAX_CFG:g}] (1 = off)"))
+def check_cfg_scale(value: object, name: str = "cfg_scale") -> float:
+    return float(check_number(name, value, lambda v: 0 <= v <= MAX_CFG_SCALE,
+                              f"a finite number in [0, {MAX_CFG_SCALE:g}] (1 = off)"))
 
 
 def check_seed(value: object) -> int:
@@ -125,7 +125,7 @@ def filter_logits(logits: np.ndarray, top_k: int | None = None, top_p: float | N
 
 def guide(cond: np.ndarray, uncond: np.ndarray, scale: float) -> np.ndarray:
     """Classifier-free guidance: ``uncond + scale * (cond - uncond)``; scale 1 is plain conditional."""
-    scale = check_number("cfg", scale, lambda v: True, "a finite number")
+    scale = check_number("cfg_scale", scale, lambda v: True, "a finite number")
     return uncond + scale * (cond - uncond)
 
 

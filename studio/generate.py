@@ -112,7 +112,7 @@ def defaults(m: demo.Model | None) -> dict[str, float]:
     the sliders' terms (top-k 0, top-p 1, CFG 1 = off)."""
     s = m.config.sampling if m else None
     return dict(temperature=s.temperature if s else 1.0, top_k=(s.top_k or 0) if s else 0,
-                top_p=(s.top_p or 1.0) if s else 1.0, cfg=(s.cfg or 1.0) if s and m.has_cfg else 1.0)
+                top_p=(s.top_p or 1.0) if s else 1.0, cfg=(s.cfg_scale or 1.0) if s and m.has_cfg else 1.0)
 
 
 def on_model(v: View, m: demo.Model | None) -> dict:

@@ -95,7 +95,7 @@ def test_vq_stage1_trains_on_vq_ids_and_samples_decode(root: Path) -> None:
     assert np.array_equal(vq.vq_tokenize(img[None])[0].ravel(), cache["vq"][0].long().numpy())
     with pytest.raises(ValueError, match="VQ-token model"):
         vq.tokenize(img[None])
-    g = vq.generate([0, 1, 2], seed=0, cfg=1.5)
+    g = vq.generate([0, 1, 2], seed=0, cfg_scale=1.5)
     assert g.images.shape == (3, 16, 16, 3) and g.images.dtype == np.uint8
     assert np.array_equal(g.vq_tokens, g.disc_tokens)                   # no stage 2: the codes are VQ ids
     assert np.array_equal(g.images, vq.decode_vq(g.vq_tokens))
@@ -192,8 +192,8 @@ def test_every_analysis_writes_its_report(root: Path, tmp_path: Path) -> None:
     assert set(a["scores"]) == {"real", "recon", "digit", "vq"}
     assert all(np.isfinite(v["fd"]) and v["fd"] >= 0 and 0 <= v["class_accuracy"] <= 1 for v in a["scores"].values())
     # both models sampled with DiGIT's resolved stage-1 defaults (tiny: all off)
-    assert a["budget"]["vq"]["steps"] == 3 and a["cfg"] == 1.0
-    assert a["sampling"] == {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "cfg": 1.0}
+    assert a["budget"]["vq"]["steps"] == 3 and a["cfg_scale"] == 1.0
+    assert a["sampling"] == {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "cfg_scale": 1.0}
     assert Image.open(out / "ablation_digit.png").size == Image.open(out / "ablation_vq.png").size
 
     t = json.loads((out / "ssl_type.json").read_text())
@@ -246,7 +246,7 @@ def test_findings_follow_the_numbers() -> None:
     scores = lambda dig, vq: {"real": {"fd": 0.1, "class_accuracy": 0.9}, "recon": {"fd": 1.0, "class_accuracy": 0.9},
                               "digit": {"fd": dig, "class_accuracy": 0.8}, "vq": {"fd": vq, "class_accuracy": 0.7}}
     run = {"steps": 10, "batch_size": 4, "params": 1}
-    d = {"budget": {"digit": run, "vq": run}, "paper": ablation.PAPER, "cfg": 1.5, "grid": 8, "images": "x"}
+    d = {"budget": {"digit": run, "vq": run}, "paper": ablation.PAPER, "cfg_scale": 1.5, "grid": 8, "images": "x"}
     assert ablation.findings(d | {"scores": scores(5.0, 10.0)})[0].endswith("help, as in the paper.")
     assert "hurt here" in ablation.findings(d | {"scores": scores(10.0, 5.0)})[0]
 

@@ -182,7 +182,7 @@ def test_sample_shapes_seeds_and_streaming(client: Client, bundle: Path, local) 
     # same seed, same images; and they are what the runtime gives for these arguments
     again = [_png(g["image"]) for g in _sample(client, bundle, seed=3)[1]]
     assert all(np.array_equal(a, b) for a, b in zip(imgs, again))
-    ref = local.generate([1, 1, 1], seed=3, temperature=1.0, top_k=0, top_p=1.0, cfg=1.0)
+    ref = local.generate([1, 1, 1], seed=3, temperature=1.0, top_k=0, top_p=1.0, cfg_scale=1.0)
     assert np.array_equal(np.stack(imgs), ref.images) and data["disc_tokens"] == ref.disc_tokens.tolist()
     assert data["settings"] == ref.settings.to_dict()
     # settings left out take the bundle's defaults, as the library does for None
@@ -235,7 +235,7 @@ def test_compare_model_runs_the_same_request_on_the_vq_ar_twin(client: Client, b
     twin = load_bundle(bundle.parent / "tiny-vq", device="cpu", threads=1)
     data = _sample(client, bundle, 6, compare_model="exported/tiny-vq")[3]
     assert data["compare"]["tokens"] == "vq" and data["compare"]["model"] == "tiny-vq"
-    ref = twin.generate([1, 1, 1], seed=6, temperature=1.0, top_k=0, top_p=1.0, cfg=1.0)
+    ref = twin.generate([1, 1, 1], seed=6, temperature=1.0, top_k=0, top_p=1.0, cfg_scale=1.0)
     assert data["compare"]["disc_tokens"] == ref.disc_tokens.tolist()    # same class, seed and settings
     out = client.predict(None, "sample 0: class 0", 50, 2, "class 0", 3, 1.0, 0, 1.0, False, str(bundle),
                          "exported/tiny-vq", api_name="/complete")
@@ -480,7 +480,7 @@ def test_readme_client_example_runs(tmp_path_factory: pytest.TempPathFactory, mo
         scope: dict = {}
         exec(compile(snippet.replace("http://127.0.0.1:7860/", url), "README.md", "exec"), scope)   # noqa: S102
         assert len(scope["gallery"]) == 4 and np.asarray(scope["tokens"]["disc_tokens"]).ndim == 2
-        assert 0 <= scope["numbers"]["disc_change_rate"] <= 1 and set(scope["data"]["settings"]) >= {"top_k", "cfg"}
+        assert 0 <= scope["numbers"]["disc_change_rate"] <= 1 and set(scope["data"]["settings"]) >= {"top_k", "cfg_scale"}
         assert len(list(cache.glob("digit-studio-*"))) == 1
     finally:
         _stop(proc)

@@ -42,6 +42,16 @@ def test_bundle_is_the_self_supervised_model(bundle) -> None:
     assert "no label anywhere in its tokenizer" in card and "fmnist:val" in card
 
 
+def test_the_committed_format_4_bundles_read_their_old_guidance_key() -> None:
+    """Both committed bundles predate format 5: their config.json (sha256-pinned) names the guidance
+    scale ``cfg``, which is read as ``cfg_scale``."""
+    for name, scale in (("fmnist", 3.5), ("fmnist-vq", 2.5)):
+        raw = json.loads((ROOT / "exported" / name / "config.json").read_text())["sampling"]
+        b = load_bundle(ROOT / "exported" / name, device="cpu", threads=1)
+        assert b.manifest["format_version"] == 4 and raw["cfg"] == scale and "cfg_scale" not in raw
+        assert b.config.sampling.cfg_scale == scale and b.sampling_settings().cfg_scale == scale
+
+
 def test_tracked_tree_fits_the_device_budget() -> None:
     """A GPU machine takes a working tree of at most 64 MiB: the tracked files stay under 60."""
     r = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True)
@@ -101,7 +111,7 @@ def test_fixed_seeds_give_the_pinned_bytes(bundle) -> None:
     img = np.asarray(load_image(sorted((ASSETS / "examples" / "fmnist").glob("*.png"))[0], 32))
     g = bundle.generate([0, 3, 6, 9], seed=0)
     c = bundle.complete_detailed(img, keep_rows=4, n=2, seed=1)
-    u = bundle.generate([1, 2], seed=5, cfg=1, top_k=0)
+    u = bundle.generate([1, 2], seed=5, cfg_scale=1, top_k=0)
     got = {"generate": digest(g.images, g.disc_tokens, g.vq_tokens), "complete": digest(c.images, c.disc_tokens, c.vq_tokens),
            "unguided": digest(u.images, u.disc_tokens, u.vq_tokens), "tokenize": digest(*bundle.tokenize(img[None])[:2])}
     assert got == PINS

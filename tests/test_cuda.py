@@ -52,10 +52,10 @@ def _images(n: int) -> np.ndarray:
 def test_pipeline_on_device_samples_the_cpu_tokens() -> None:
     cpu, dev = _models()
     assert dev.device.type == DEVICE
-    for seed, cfg in ((0, None), (1, 1.5), (2, 3.0)):
-        a, b = cpu.generate([0, 1, 2, 0], seed=seed, cfg=cfg, top_k=8), dev.generate([0, 1, 2, 0], seed=seed, cfg=cfg, top_k=8)
-        assert np.array_equal(a.disc_tokens, b.disc_tokens), (seed, cfg)
-        assert np.array_equal(a.vq_tokens, b.vq_tokens), (seed, cfg)
+    for seed, scale in ((0, None), (1, 1.5), (2, 3.0)):
+        a, b = (m.generate([0, 1, 2, 0], seed=seed, cfg_scale=scale, top_k=8) for m in (cpu, dev))
+        assert np.array_equal(a.disc_tokens, b.disc_tokens), (seed, scale)
+        assert np.array_equal(a.vq_tokens, b.vq_tokens), (seed, scale)
         assert np.abs(a.images.astype(int) - b.images).max() <= 1
 
 
@@ -130,7 +130,7 @@ def test_onnxruntime_bundle_on_device_matches_pytorch(tmp_path: Path) -> None:
     cpu, _ = _models()
     bundle = load_bundle(export_bundle(cpu, tmp_path / "tiny"), device=DEVICE, threads=1)
     assert bundle.device == DEVICE
-    a, b = bundle.generate([0, 1, 2], seed=5, cfg=1.5), cpu.generate([0, 1, 2], seed=5, cfg=1.5)
+    a, b = bundle.generate([0, 1, 2], seed=5, cfg_scale=1.5), cpu.generate([0, 1, 2], seed=5, cfg_scale=1.5)
     assert np.array_equal(a.disc_tokens, b.disc_tokens) and np.array_equal(a.vq_tokens, b.vq_tokens)
     assert np.array_equal(bundle.tokenize(_images(4))[0], cpu.tokenize(_images(4))[0])
 

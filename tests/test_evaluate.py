@@ -78,7 +78,7 @@ def test_end_to_end_and_rerun(bundle: Path, folder: Path, tmp_path: Path, caplog
     assert "unguided" not in m   # tiny's default is already unguided: nothing to add
     assert all(math.isfinite(f[k]) and f[k] >= 0 for k in ("samples", "train_floor", "noisy_test_20db"))
     # the settings the samples and completions were drawn with, as the runtime resolved them
-    defaults = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "cfg": 1.0, "stage2_temperature": 1.0,
+    defaults = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "cfg_scale": 1.0, "stage2_temperature": 1.0,
                 "stage2_top_k": 0, "stage2_top_p": 0.8}                     # tiny's config.sampling
     assert m["sampling"] == defaults
     k = m["completion"]
@@ -97,7 +97,7 @@ def test_end_to_end_and_rerun(bundle: Path, folder: Path, tmp_path: Path, caplog
                                    "linear_probe", "table1", "total"}
     md = (tmp_path / "a" / "summary.md").read_text()
     assert "| classifier test accuracy" in md and "≥ 90.0%" in md and "0.114" in md   # a target and a paper figure
-    assert "top_k=0" in md and "cfg=1.0" in md
+    assert "top_k=0" in md and "cfg_scale=1.0" in md
     # Markdown reads a line starting with ">" as a block quote: no line of the card's text may start so
     assert not [line for line in md.splitlines() if line.lstrip().startswith(">")]
 
@@ -119,15 +119,15 @@ def k_ci_ok(k: dict) -> bool:
 
 def test_a_guided_bundle_is_also_measured_without_guidance(folder: Path, tmp_path: Path) -> None:
     cfg = tiny(3)
-    cfg.sampling.cfg = 2.0
+    cfg.sampling.cfg_scale = 2.0
     torch.manual_seed(0)
     bundle = export_bundle(DiGIT(cfg), tmp_path / "guided")
     m = _run(bundle, folder, tmp_path / "out", tmp_path / "clf.safetensors")
     u = m["unguided"]
-    assert m["sampling"]["cfg"] == 2.0 and u["sampling"]["cfg"] == 1.0 and u["n"] == m["samples"]["n"]
+    assert m["sampling"]["cfg_scale"] == 2.0 and u["sampling"]["cfg_scale"] == 1.0 and u["n"] == m["samples"]["n"]
     assert 0 <= u["accuracy_ci"][0] <= u["accuracy"] <= u["accuracy_ci"][1] <= 1 and u["target"] == 0.75
     assert math.isfinite(u["frechet"]) and "samples_unguided" in m["timings_s"]
-    assert "without guidance (cfg 1)" in (tmp_path / "out" / "summary.md").read_text()
+    assert "without guidance (cfg_scale 1)" in (tmp_path / "out" / "summary.md").read_text()
 
 
 def test_a_vq_ar_bundle_is_measured_the_same_way(bundle: Path, folder: Path, tmp_path: Path) -> None:

@@ -55,7 +55,7 @@ def test_bundle_layout_and_manifest(bundle_dir: Path, bundle: Bundle) -> None:
     man = json.loads((bundle_dir / "manifest.json").read_text())
     assert set(man["files"]) == {"config.json", "tokenizer.onnx", "vq_encoder.onnx", "vq_decoder.onnx",
                                  "stage1.onnx", "stage2.onnx"}
-    assert man["format_version"] == 4 and man["weights"] == "float32" and man["opset"] == 17 and man["ir_version"] <= 13
+    assert man["format_version"] == 5 and man["weights"] == "float32" and man["opset"] == 17 and man["ir_version"] <= 13
     assert man["disc_grid"] == 4 and man["vq_grid"] == 4 and man["class_names"] == ["class 0", "class 1", "class 2"]
     assert json.loads(json.dumps(bundle.config.to_dict())) == man["config"] and bundle.class_names == man["class_names"]
     assert bundle.provider == "CPUExecutionProvider"
@@ -86,7 +86,7 @@ def test_every_graph_matches_pytorch(model: DiGIT, bundle: Bundle) -> None:
 
 
 def test_same_tokens_as_pytorch(model: DiGIT, bundle: Bundle) -> None:
-    for kw in (dict(top_k=8), dict(cfg=2.0, top_p=0.9)):
+    for kw in (dict(top_k=8), dict(cfg_scale=2.0, top_p=0.9)):
         a, b = bundle.generate([0, 2, 1], seed=5, **kw), model.generate([0, 2, 1], seed=5, **kw)
         assert np.array_equal(a.disc_tokens, b.disc_tokens) and np.array_equal(a.vq_tokens, b.vq_tokens)
         assert np.abs(a.images.astype(int) - b.images).max() <= 1
@@ -99,16 +99,16 @@ def test_same_tokens_as_pytorch(model: DiGIT, bundle: Bundle) -> None:
 
 def test_both_backends_take_the_same_defaults(model: DiGIT, bundle: Bundle, monkeypatch) -> None:
     # the runtime reads its config.json's "sampling"; set non-trivial defaults on both configs
-    tuned = SamplingConfig(temperature=0.9, top_k=6, top_p=0.95, cfg=2.0, stage2_top_k=8, stage2_top_p=0.9)
+    tuned = SamplingConfig(temperature=0.9, top_k=6, top_p=0.95, cfg_scale=2.0, stage2_top_k=8, stage2_top_p=0.9)
     for m in (model, bundle):
         monkeypatch.setattr(m.config, "sampling", tuned)
     a, b = bundle.generate([0, 2, 1], seed=5), model.generate([0, 2, 1], seed=5)
     assert a.settings == b.settings == bundle.sampling_settings()
-    assert (a.settings.top_k, a.settings.cfg, a.settings.stage2_top_k) == (6, 2.0, 8)
+    assert (a.settings.top_k, a.settings.cfg_scale, a.settings.stage2_top_k) == (6, 2.0, 8)
     assert np.array_equal(a.disc_tokens, b.disc_tokens) and np.array_equal(a.vq_tokens, b.vq_tokens)
-    off = bundle.generate([0, 2, 1], seed=5, top_k=0, top_p=1, cfg=1)
-    assert (off.settings.top_k, off.settings.top_p, off.settings.cfg) == (0, 1.0, 1.0)
-    assert np.array_equal(off.disc_tokens, model.generate([0, 2, 1], seed=5, top_k=0, top_p=1, cfg=1).disc_tokens)
+    off = bundle.generate([0, 2, 1], seed=5, top_k=0, top_p=1, cfg_scale=1)
+    assert (off.settings.top_k, off.settings.top_p, off.settings.cfg_scale) == (0, 1.0, 1.0)
+    assert np.array_equal(off.disc_tokens, model.generate([0, 2, 1], seed=5, top_k=0, top_p=1, cfg_scale=1).disc_tokens)
 
 
 def test_runtime_refuses_bad_numbers_before_running_a_graph(bundle: Bundle, monkeypatch) -> None:
@@ -116,7 +116,7 @@ def test_runtime_refuses_bad_numbers_before_running_a_graph(bundle: Bundle, monk
     monkeypatch.setattr(bundle, "sessions", {g: None for g in bundle.sessions})   # any graph run would fail
     for op in ("encode_disc", "open_stage1"):
         monkeypatch.setattr(bundle, op, lambda *a, op=op: ran.append(op))
-    for kw, match in ((dict(cfg=float("nan")), "cfg must be"), (dict(seed=2 ** 64), "seed must be"),
+    for kw, match in ((dict(cfg_scale=float("nan")), "cfg_scale must be"), (dict(seed=2 ** 64), "seed must be"),
                       (dict(top_k=float("nan")), "top_k must be"), (dict(top_p=float("nan")), "top_p must be")):
         with pytest.raises(ValueError, match=match):
             bundle.generate([0, 1], **kw)
@@ -163,16 +163,40 @@ def test_tampered_missing_and_unsupported_bundles(bundle_dir: Path, tmp_path: Pa
         load_bundle(b)
 
 
-def test_graph_that_does_not_fit_the_config_is_named(bundle_dir: Path, tmp_path: Path) -> None:
+def _rewrite_config(b: Path, cfg: dict, **manifest: object) -> None:
+    """Write ``cfg`` as bundle ``b``'s config.json, listed with its new hash (and ``manifest`` fields)."""
     from digit_core.export import sha256
-    b = _copy(bundle_dir, tmp_path)
-    cfg = json.loads((b / "config.json").read_text())
-    cfg["codebook"]["dim"] = cfg["encoder"]["width"] = 64   # features are 32 wide in tokenizer.onnx
     (b / "config.json").write_text(json.dumps(cfg))
     man = json.loads((b / "manifest.json").read_text())
     man["files"]["config.json"] = {"sha256": sha256(b / "config.json"), "size": (b / "config.json").stat().st_size}
-    (b / "manifest.json").write_text(json.dumps(man))
+    (b / "manifest.json").write_text(json.dumps({**man, **manifest}))
+
+
+def test_graph_that_does_not_fit_the_config_is_named(bundle_dir: Path, tmp_path: Path) -> None:
+    b = _copy(bundle_dir, tmp_path)
+    cfg = json.loads((b / "config.json").read_text())
+    cfg["codebook"]["dim"] = cfg["encoder"]["width"] = 64   # features are 32 wide in tokenizer.onnx
+    _rewrite_config(b, cfg)
     with pytest.raises(BundleError, match="graph tokenizer"):
+        load_bundle(b)
+
+
+def test_a_format_4_bundle_reads_its_guidance_scale_from_the_old_key(bundle_dir: Path, bundle: Bundle,
+                                                                     tmp_path: Path) -> None:
+    """Formats 3 and 4 wrote the guidance scale as ``sampling.cfg``: such a bundle loads with it as its
+    ``cfg_scale`` default and samples the bytes of the new key; a config with both keys is refused."""
+    b = _copy(bundle_dir, tmp_path)
+    cfg = json.loads((b / "config.json").read_text())
+    del cfg["sampling"]["cfg_scale"]
+    cfg["sampling"]["cfg"] = 2.0
+    _rewrite_config(b, cfg, format_version=4)
+    old = load_bundle(b, device="cpu", threads=1)
+    assert old.config.sampling.cfg_scale == 2.0 and old.manifest["format_version"] == 4
+    a, e = old.generate([0, 2], seed=3), bundle.generate([0, 2], seed=3, cfg_scale=2.0)
+    assert a.settings == e.settings and a.images.tobytes() == e.images.tobytes()
+    cfg["sampling"]["cfg_scale"] = 2.0
+    _rewrite_config(b, cfg)
+    with pytest.raises(BundleError, match=r"config.json: SamplingConfig: both cfg_scale and cfg \(its old name\)"):
         load_bundle(b)
 
 
@@ -208,7 +232,7 @@ def test_caches_hold_the_positions_a_generation_fills_not_the_position_table(tmp
     for stage, T in ((1, 16), (2, 32)):
         past = [i for i in b.sessions[f"stage{stage}"].get_inputs() if i.name.startswith("past_")]
         assert len(past) == 2 * (c.stage1 if stage == 1 else c.stage2).gpt.n_layer and {i.shape[2] for i in past} == {T}
-    want, got = m.generate([0, 2], seed=3, cfg=2.0), b.generate([0, 2], seed=3, cfg=2.0)
+    want, got = m.generate([0, 2], seed=3, cfg_scale=2.0), b.generate([0, 2], seed=3, cfg_scale=2.0)
     assert np.array_equal(got.disc_tokens, want.disc_tokens) and np.array_equal(got.vq_tokens, want.vq_tokens)
     with pytest.raises(ValueError, match="KV cache length of 16"):
         m.stage1(torch.zeros(1, 17, dtype=torch.long), 0, m.stage1.new_cache(1, 16))

@@ -1,5 +1,6 @@
 """The PyTorch pipeline end to end on a tiny random model: flows, save/load, bad inputs."""
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -42,15 +43,45 @@ def test_sample_shapes_and_seeds(model: DiGIT) -> None:
 
 def test_cfg_scale_one_gives_the_conditional_tokens(model: DiGIT) -> None:
     plain = model.generate([0, 1, 2, 0], seed=3)         # tiny's default: no guidance
-    guided = model.generate([0, 1, 2, 0], seed=3, cfg=1.0)
-    assert plain.settings.cfg == 1.0 and np.array_equal(plain.disc_tokens, guided.disc_tokens)
-    assert not np.array_equal(plain.disc_tokens, model.generate([0, 1, 2, 0], seed=3, cfg=4.0).disc_tokens)
+    guided = model.generate([0, 1, 2, 0], seed=3, cfg_scale=1.0)
+    assert plain.settings.cfg_scale == 1.0 and np.array_equal(plain.disc_tokens, guided.disc_tokens)
+    assert not np.array_equal(plain.disc_tokens, model.generate([0, 1, 2, 0], seed=3, cfg_scale=4.0).disc_tokens)
 
 
-TUNED = SamplingConfig(temperature=0.8, top_k=5, top_p=0.9, cfg=3.0, stage2_temperature=0.5, stage2_top_k=6,
+def test_the_old_keyword_cfg_warns_and_gives_the_bytes_of_cfg_scale(model: DiGIT) -> None:
+    """``cfg=`` (the guidance scale's old name) still works in every sampling call: a DeprecationWarning
+    names ``cfg_scale`` at the caller's line, and the output is byte for byte ``cfg_scale=``'s."""
+    img = _images(1)[0]
+    calls = {"generate": lambda **kw: model.generate([0, 1, 2], seed=3, **kw),
+             "sample": lambda **kw: model.sample([0, 2], seed=4, **kw),
+             "complete": lambda **kw: model.complete(img, keep_rows=2, n=2, class_id=1, seed=5, **kw),
+             "complete_detailed": lambda **kw: model.complete_detailed(img, keep_rows=2, n=2, class_id=2, seed=6, **kw),
+             "complete_many": lambda **kw: model.complete_many(_images(2), keep_rows=1, class_ids=[0, 2], seed=7, **kw),
+             "sampling_settings": lambda **kw: model.sampling_settings(**kw)}
+    for name, call in calls.items():
+        with pytest.warns(DeprecationWarning, match=r"cfg= is deprecated: pass cfg_scale=") as seen:
+            old = call(cfg=2.5)
+        assert [w.filename for w in seen] == [__file__], name
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            new = call(cfg_scale=2.5)
+        if isinstance(new, np.ndarray):
+            assert old.tobytes() == new.tobytes(), name
+        elif isinstance(new, SamplingSettings):
+            assert old == new and new.cfg_scale == 2.5
+        else:
+            assert old.settings == new.settings and new.settings.cfg_scale == 2.5, name
+            assert all(getattr(old, k).tobytes() == getattr(new, k).tobytes()
+                       for k in ("images", "disc_tokens", "vq_tokens", "disc_probs")), name
+    with pytest.raises(TypeError, match=r"cfg_scale and cfg \(its old name\) both given: pass cfg_scale only"):
+        model.generate([0], cfg=2.0, cfg_scale=2.0)
+
+
+TUNED = SamplingConfig(temperature=0.8, top_k=5, top_p=0.9, cfg_scale=3.0, stage2_temperature=0.5, stage2_top_k=6,
                        stage2_top_p=0.7)
-EXPLICIT = dict(temperature=0.8, top_k=5, top_p=0.9, cfg=3.0, stage2_temperature=0.5, stage2_top_k=6, stage2_top_p=0.7)
-OFF = dict(top_k=0, top_p=1.0, cfg=1.0, stage2_top_k=0, stage2_top_p=1.0)
+EXPLICIT = dict(temperature=0.8, top_k=5, top_p=0.9, cfg_scale=3.0, stage2_temperature=0.5, stage2_top_k=6,
+                stage2_top_p=0.7)
+OFF = dict(top_k=0, top_p=1.0, cfg_scale=1.0, stage2_top_k=0, stage2_top_p=1.0)
 
 
 def _same(a, b) -> bool:
@@ -80,20 +111,20 @@ def test_completions_follow_the_same_rule(model: DiGIT, monkeypatch) -> None:
     assert _same(with_class, model.complete_detailed(img, keep_rows=2, n=3, class_id=1, seed=0, **EXPLICIT))
     # without a class the null class conditions it: the default guidance does not apply ...
     null = model.complete_detailed(img, keep_rows=2, n=3, seed=0)
-    assert null.settings.cfg == 1.0 and null.settings.top_k == 5
+    assert null.settings.cfg_scale == 1.0 and null.settings.top_k == 5
     # ... and guidance asked for explicitly is refused rather than dropped
     with pytest.raises(ValueError, match="null class"):
-        model.complete_detailed(img, keep_rows=2, n=3, seed=0, cfg=2.0)
-    assert _same(null, model.complete_detailed(img, keep_rows=2, n=3, seed=0, cfg=1.0))
+        model.complete_detailed(img, keep_rows=2, n=3, seed=0, cfg_scale=2.0)
+    assert _same(null, model.complete_detailed(img, keep_rows=2, n=3, seed=0, cfg_scale=1.0))
 
 
 NAN, INF = float("nan"), float("inf")
 
 
 @pytest.mark.parametrize("call, match", [
-    (lambda m: m.generate([0], cfg=NAN), r"cfg must be a finite number in \[0, 100\] \(1 = off\), got nan"),
-    (lambda m: m.generate([0], cfg=INF), r"cfg must be a finite number in \[0, 100\]"),
-    (lambda m: m.generate([0], cfg=-1.0), r"cfg must be a finite number in \[0, 100\]"),
+    (lambda m: m.generate([0], cfg_scale=NAN), r"cfg_scale must be a finite number in \[0, 100\] \(1 = off\), got nan"),
+    (lambda m: m.generate([0], cfg_scale=INF), r"cfg_scale must be a finite number in \[0, 100\]"),
+    (lambda m: m.generate([0], cfg_scale=-1.0), r"cfg_scale must be a finite number in \[0, 100\]"),
     (lambda m: m.generate([0], top_p=NAN), r"top_p must be a finite number in \(0, 1\] \(1 = off\), got nan"),
     (lambda m: m.generate([0], top_k=NAN), r"top_k must be an integer >= 0 \(0 = off\), got nan"),
     (lambda m: m.generate([0], top_k=1e400), r"top_k must be an integer >= 0"),
@@ -107,7 +138,7 @@ NAN, INF = float("nan"), float("inf")
     (lambda m: m.complete(_images(1)[0], keep_rows=2, n=NAN), r"n must be a positive integer, got nan"),
     (lambda m: m.complete(_images(1)[0], keep_rows=2, class_id=NAN), r"class_id must be an integer in 0\.\.2"),
     (lambda m: m.complete(_images(1)[0], keep_rows=2, seed=2 ** 63), r"seed must be an integer in \[0, 2\*\*63\)"),
-    (lambda m: m.complete(_images(1)[0], keep_rows=2, cfg=NAN), r"cfg must be a finite number"),
+    (lambda m: m.complete(_images(1)[0], keep_rows=2, cfg_scale=NAN), r"cfg_scale must be a finite number"),
     (lambda m: m.complete_many(_images(2), keep_rows=2, top_p=NAN), r"top_p must be a finite number"),
 ])
 def test_bad_numbers_are_refused_before_any_network_runs(model: DiGIT, call, match: str, monkeypatch) -> None:
@@ -123,8 +154,8 @@ def test_unconditional_n_and_keep_percent_are_checked() -> None:
     m = DiGIT(tiny(num_classes=0))
     with pytest.raises(ValueError, match=r"n must be a positive integer, got nan"):
         m.sample(n=NAN)
-    with pytest.raises(ValueError, match=r"cfg=2 asked for, but an unconditional model"):
-        m.sample(n=1, cfg=2.0)
+    with pytest.raises(ValueError, match=r"cfg_scale=2 asked for, but an unconditional model"):
+        m.sample(n=1, cfg_scale=2.0)
     for bad in (NAN, INF, -5.0, 101.0):
         with pytest.raises(ValueError, match=r"keep_percent must be a finite number in \[0, 100\]"):
             keep_rows_for(bad, 8)
@@ -208,7 +239,7 @@ def test_cfg_needs_a_null_class() -> None:
     cfg = tiny()
     cfg.stage1.null_class_id = None
     with pytest.raises(ValueError, match="label dropout"):
-        DiGIT(cfg).sample(class_ids=[0], cfg=2.0)
+        DiGIT(cfg).sample(class_ids=[0], cfg_scale=2.0)
 
 
 def test_mismatched_or_broken_model_files(model: DiGIT, tmp_path: Path) -> None:
@@ -238,6 +269,21 @@ def test_mismatched_or_broken_model_files(model: DiGIT, tmp_path: Path) -> None:
     (tmp_path / "m" / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         DiGIT.load(tmp_path / "m")
+
+
+def test_a_config_with_the_old_sampling_key_cfg_reads_as_cfg_scale() -> None:
+    """Bundle formats 3 and 4 (and model folders of their time) wrote the guidance scale as
+    ``sampling.cfg``: it is read as ``cfg_scale``, written back as ``cfg_scale``; both keys at once are an error."""
+    d = tiny().to_dict()
+    assert "cfg" not in d["sampling"] and d["sampling"]["cfg_scale"] is None
+    del d["sampling"]["cfg_scale"]
+    d["sampling"]["cfg"] = 2.5
+    c = DiGITConfig.from_dict(d)
+    assert c.sampling.cfg_scale == 2.5 and "cfg" in d["sampling"]   # the caller's dict is left as it was
+    assert c.to_dict()["sampling"] == {**tiny().to_dict()["sampling"], "cfg_scale": 2.5}
+    d["sampling"]["cfg_scale"] = 2.5
+    with pytest.raises(ConfigError, match=r"both cfg_scale and cfg \(its old name\) are set; keep cfg_scale only"):
+        DiGITConfig.from_dict(d)
 
 
 def test_config_round_trip_and_unknown_preset() -> None:

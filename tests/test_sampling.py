@@ -112,7 +112,7 @@ def test_non_finite_settings_name_the_parameter(kw: dict, match: str) -> None:
 @pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf")])
 def test_guidance_rejects_non_finite_scales(scale: float) -> None:
     c = np.zeros((2, 4))
-    with pytest.raises(ValueError, match=r"cfg must be a finite number"):
+    with pytest.raises(ValueError, match=r"cfg_scale must be a finite number"):
         guide(c, c, scale)
 
 

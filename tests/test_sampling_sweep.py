@@ -34,7 +34,7 @@ def test_sweep_end_to_end_writes_every_setting(tmp_path: Path) -> None:
     assert [(row["cfg"], row["top_k"]) for row in r["rows"]] == [(1, 0), (1, 4), (2, 0), (2, 4)]
     for row in r["rows"]:
         assert 0 <= row["class_accuracy_ci"][0] <= row["class_accuracy"] <= row["class_accuracy_ci"][1] <= 1
-        assert row["fd_ci"][0] <= row["fd"] + 1e-9 and row["settings"]["cfg"] == row["cfg"]
+        assert row["fd_ci"][0] <= row["fd"] + 1e-9 and row["settings"]["cfg_scale"] == row["cfg"]
         assert row["settings"]["top_k"] == row["top_k"]           # the settings the generation recorded
     assert (r["chosen"]["cfg"], r["chosen"]["top_k"]) in {(1, 0), (1, 4), (2, 0), (2, 4)}
     assert r["samples_per_setting"] == 12 and r["judge"]["test_data"] == str(val)

@@ -268,7 +268,7 @@ def test_chain_to_a_loadable_model(tmp_path: Path, folder: Path) -> None:
     assert tokens["disc"].shape == (80, 16)          # 40 images and their mirror images, 4x4 tokens
     model = DiGIT.load(tmp_path / "model")
     assert model.config.class_names == ["class0", "class1", "class2"]
-    imgs = model.sample([0, 2], seed=0, cfg=1.5)
+    imgs = model.sample([0, 2], seed=0, cfg_scale=1.5)
     assert imgs.shape == (2, 16, 16, 3) and imgs.dtype == np.uint8
     # the cached tokens are the tokens the assembled model gives the same images
     ds = ImageFolder(folder, 16, train=False)

@@ -56,7 +56,7 @@ def test_vq_config_has_no_tokenizer_and_no_stage2(models: tuple[DiGIT, DiGIT]) -
 def test_vq_bundle_shares_the_sibling_graphs_and_stores_only_its_stage1(bundles: Path) -> None:
     assert sorted(f.name for f in (bundles / "vq").iterdir()) == ["config.json", "manifest.json", "stage1.onnx"]
     man = json.loads((bundles / "vq/manifest.json").read_text())
-    assert man["tokens"] == "vq" and man["format_version"] == 4
+    assert man["tokens"] == "vq" and man["format_version"] == 5
     assert man["graphs"] == {"vq_encoder": "../digit/vq_encoder.onnx", "vq_decoder": "../digit/vq_decoder.onnx",
                              "stage1": "stage1.onnx"}
     assert "../digit/vqgan.safetensors" in man["files"]   # the shared graphs' external data comes along
@@ -66,7 +66,7 @@ def test_vq_bundle_shares_the_sibling_graphs_and_stores_only_its_stage1(bundles:
 
 def test_vq_bundle_generates_as_the_rounded_pytorch_model(models: tuple[DiGIT, DiGIT], bundles: Path) -> None:
     b, ref = load_bundle(bundles / "vq", device="cpu", threads=1), round_weights_to_half(models[1])
-    a, e = b.generate([0, 1, 2], seed=4, cfg=2.0, top_k=8), ref.generate([0, 1, 2], seed=4, cfg=2.0, top_k=8)
+    a, e = (m.generate([0, 1, 2], seed=4, cfg_scale=2.0, top_k=8) for m in (b, ref))
     assert np.array_equal(a.disc_tokens, e.disc_tokens)
     assert np.array_equal(a.vq_tokens, a.disc_tokens.reshape(a.vq_tokens.shape))   # no stage 2: the codes are VQ ids
     assert np.abs(a.images.astype(int) - e.images).max() <= 1

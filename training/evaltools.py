@@ -41,7 +41,7 @@ class EvalConfig(RunConfig):
     probe_test: int = 2000
     classifier: str = ""           # default runs/eval/<data>-classifier.safetensors
     classifier_epochs: int = 6     # its test accuracy is in every report (reports/fmnist-eval/summary.md)
-    unguided: bool = True          # also sample with guidance off (cfg 1), as the paper's DiGIT figures are
+    unguided: bool = True          # also sample with guidance off (cfg_scale 1), as the paper's DiGIT figures are
     n_boot: int = 200              # bootstrap resamples for every interval
     quick: bool = False
 

@@ -61,7 +61,7 @@ QUICK = {"per_class": 20, "fid_n": 500, "completions": 50, "table1_n": 100, "pro
 
 def generate(bundle: Bundle, n: int, batch: int, seed: int,
              **knobs: float | int | None) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
-    """``n`` samples at the bundle's default settings (``knobs`` override some, e.g. ``cfg=1``),
+    """``n`` samples at the bundle's default settings (``knobs`` override some, e.g. ``cfg_scale=1``),
     classes interleaved (``i % C``, so any prefix is balanced); batch ``b`` has seed ``seed + b``.
     Returns uint8 images, their classes (None for an unconditional model) and the settings used."""
     C = bundle.config.stage1.num_classes
@@ -209,10 +209,10 @@ def main(argv: list[str] | None = None) -> None:
                              f"noisy_test_{NOISY_REFERENCE_DB:g}db": frechet_distance(
                                  classify(clf, torch.from_numpy(noisy).float(), device)[0], ref)}
 
-    guided = C and report["sampling"].get("cfg", 1.0) != 1.0
-    if cfg.unguided and guided:   # the paper reports DiGIT without guidance: the same count, cfg off
+    guided = C and report["sampling"].get("cfg_scale", 1.0) != 1.0
+    if cfg.unguided and guided:   # the paper reports DiGIT without guidance: the same count, cfg_scale 1
         with timed("samples_unguided"):
-            u_imgs, u_classes, u_settings = generate(bundle, max(n_rec, n_fd), cfg.batch_size, cfg.seed, cfg=1.0)
+            u_imgs, u_classes, u_settings = generate(bundle, max(n_rec, n_fd), cfg.batch_size, cfg.seed, cfg_scale=1.0)
             u_feats, u_pred = classify(clf, from_uint8(u_imgs, mc.channels), device)
             u_hit = u_pred[:n_rec] == u_classes[:n_rec]
             report["unguided"] = {"sampling": u_settings, "n": n_rec, "accuracy": float(u_hit.mean()),
@@ -294,7 +294,7 @@ def summary(r: dict[str, Any]) -> str:
     u = r.get("unguided")
     if u:
         met = "met" if u["frechet"] < f[noisy_key] else "missed"
-        lines += [f"| without guidance (cfg 1): samples recognised as their class ({u['n']} samples) "
+        lines += [f"| without guidance (cfg_scale 1): samples recognised as their class ({u['n']} samples) "
                   f"| {ci(u, 'accuracy')} | {vs(u['accuracy'], u['target'])} |",
                   f"| without guidance: Fréchet distance ({f['n']} samples) | {ci(u, 'frechet', lambda v: f'{v:.3g}')} "
                   f"| < {f[noisy_key]:.3g} ({met}) |"]

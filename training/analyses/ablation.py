@@ -28,7 +28,7 @@ ROWS = {"real": "other real test images", "recon": "VQGAN reconstructions", "dig
         "vq": "VQ tokens only"}
 
 
-STAGE1_KNOBS = ("temperature", "top_k", "top_p", "cfg")
+STAGE1_KNOBS = ("temperature", "top_k", "top_p", "cfg_scale")
 """The sampling settings both models share (the VQ-only model has no stage 2)."""
 
 
@@ -54,7 +54,7 @@ def run(ctx: Context) -> Section:
         raise ValueError("the ablation samples class by class: both stage-1 models must be class-conditional "
                          f"with the same classes (got {C} and {vq_model.config.stage1.num_classes})")
     # DiGIT's default stage-1 settings (guidance: --cfg, else its default), passed explicitly to both models
-    resolved = model.sampling_settings(cfg=o.cfg)
+    resolved = model.sampling_settings(cfg_scale=o.cfg)
     shared = {k: getattr(resolved, k) for k in STAGE1_KNOBS}
     classes = np.repeat(np.arange(C), o.n_per_class)
     n = len(classes)
@@ -70,8 +70,9 @@ def run(ctx: Context) -> Section:
         feats, pred = judge.measure(images)
         scores[key] = {"class_accuracy": float((pred == want).mean()), "fd": float(judge.frechet(feats, f_real))}
     s1_dir = o.path(o.model, LAYOUT.model).parent / LAYOUT.stage1.stage
-    data = {"scores": scores, "rows": ROWS, "n_per_class": o.n_per_class, "num_classes": C, "cfg": shared["cfg"],
-            "sampling": shared, "judge": judge.name, "grid": model.config.disc_grid, "images": images_text(ctx),
+    data = {"scores": scores, "rows": ROWS, "n_per_class": o.n_per_class, "num_classes": C,
+            "cfg_scale": shared["cfg_scale"], "sampling": shared, "judge": judge.name, "grid": model.config.disc_grid,
+            "images": images_text(ctx),
             "budget": {"digit": budget(s1_dir, model.stage1, model.stage2),
                        "vq": budget(o.path(o.vq_stage1, LAYOUT.stage1_vq.path).parent, vq_model.stage1)},
             "paper": PAPER}
@@ -110,7 +111,7 @@ def findings(d: dict) -> list[str]:
             f"{p['+ discriminative tokens']['fid']}, {paper_change * 100:+.0f}%): {verdict}"),
            (f"Classified as the class asked for: DiGIT {dig['class_accuracy']:.3f}, VQ only {vq['class_accuracy']:.3f} "
             f"(real images {s['real']['class_accuracy']:.3f}, VQGAN reconstructions {s['recon']['class_accuracy']:.3f}; "
-            f"guidance {d['cfg']})."),
+            f"guidance {d['cfg_scale']})."),
            (f"Floors: other real images are at FD {s['real']['fd']:.3f} from the test images, VQGAN reconstructions "
             f"at {s['recon']['fd']:.3f}: no VQGAN-decoded sample can do much better than the latter.")]
     known = None not in (b["digit"]["steps"], b["vq"]["steps"])
@@ -137,8 +138,8 @@ def markdown(d: dict) -> str:
                   [[k, v["fid"], v["is"]] for k, v in d["paper"].items()])
     return (f"{d['n_per_class']} images per class x {d['num_classes']} classes per row; both models sampled by "
             f"the same Flows loop with the same stage-1 settings (DiGIT's defaults: "
-            f"{', '.join(f'{k} {v:g}' for k, v in d['sampling'].items())}; top-k 0, top-p 1 and cfg 1 are off), "
-            f"class-conditional with guidance {d['cfg']:g} "
+            f"{', '.join(f'{k} {v:g}' for k, v in d['sampling'].items())}; top-k 0, top-p 1 and cfg_scale 1 are off), "
+            f"class-conditional with guidance {d['cfg_scale']:g} "
             f"(the paper's Table 3a is unconditional). FD: Fréchet distance to real test images in the features of "
             f"the {d['judge']} (not Inception: compare directions with the paper, not values).\n\n"
             + table(["images", "FD ↓", "classified as asked ↑"], rows) + "\n\n" + paper + "\n\n"
