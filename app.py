@@ -78,7 +78,7 @@ def build(registry: common.Registry, analytics: bool = False) -> gr.Blocks:
             return ({banner: summary(m, err), card: about.text(m, err)} | generate.on_model(gen, m)
                     | explore.on_model(tok, m) | complete.on_model(com, m) | stability.on_model(sta, m))
 
-        outputs = [banner, card, gen.cls, gen.temperature, gen.top_k, gen.top_p, gen.cfg, gen.plot,
+        outputs = [banner, card, gen.cls, gen.temperature, gen.top_k, gen.top_p, gen.cfg_scale, gen.plot,
                    *tok.image.components, tok.cluster, *com.image.components, com.cls, com.temperature, com.top_k,
                    com.top_p, *sta.image.components]
         model_dd.change(switch, model_dd, outputs, api_visibility="private").then(

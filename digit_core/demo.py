@@ -315,13 +315,14 @@ def completion_class(model: Model, choice: str | None) -> int | None:
     return model.class_names.index(choice)
 
 
-def sampling_args(temperature: Any = None, top_k: Any = None, top_p: Any = None, cfg: Any = None) -> dict[str, Any]:
+def sampling_args(temperature: Any = None, top_k: Any = None, top_p: Any = None,
+                  cfg_scale: Any = None) -> dict[str, Any]:
     """The sampling keywords of a request, passed on as they came: None (omitted) takes the
     bundle's default, an explicit value is used (top-k 0, top-p 1, CFG 1 = off), and the library
-    validates each, naming it. ``cfg`` None is left out (completions take no guidance keyword
-    from the user)."""
+    validates each, naming it. ``cfg_scale`` None is left out (completions take no guidance
+    keyword from the user)."""
     kw = dict(temperature=temperature, top_k=top_k, top_p=top_p)
-    return kw | ({} if cfg is None else {"cfg": cfg})
+    return kw | ({} if cfg_scale is None else {"cfg_scale": cfg_scale})
 
 
 def choose_image(model: Model, upload: str | None, example: str | None) -> np.ndarray:

@@ -103,7 +103,7 @@ class View:
     temperature: gr.Slider
     top_k: gr.Slider
     top_p: gr.Slider
-    cfg: gr.Slider
+    cfg_scale: gr.Slider
     plot: gr.Plot
 
 
@@ -112,7 +112,7 @@ def defaults(m: demo.Model | None) -> dict[str, float]:
     the sliders' terms (top-k 0, top-p 1, CFG 1 = off)."""
     s = m.config.sampling if m else None
     return dict(temperature=s.temperature if s else 1.0, top_k=(s.top_k or 0) if s else 0,
-                top_p=(s.top_p or 1.0) if s else 1.0, cfg=(s.cfg_scale or 1.0) if s and m.has_cfg else 1.0)
+                top_p=(s.top_p or 1.0) if s else 1.0, cfg_scale=(s.cfg_scale or 1.0) if s and m.has_cfg else 1.0)
 
 
 def on_model(v: View, m: demo.Model | None) -> dict:
@@ -121,7 +121,8 @@ def on_model(v: View, m: demo.Model | None) -> dict:
     d = defaults(m)
     return {v.cls: gr.update(choices=demo.class_choices(m), value=demo.class_choices(m)[0]),
             v.temperature: d["temperature"], v.top_k: gr.update(maximum=m.config.stage1_vocab, value=d["top_k"]),
-            v.top_p: d["top_p"], v.cfg: gr.update(interactive=m.has_cfg, value=d["cfg"]), v.plot: empty_figure(m)}
+            v.top_p: d["top_p"], v.cfg_scale: gr.update(interactive=m.has_cfg, value=d["cfg_scale"]),
+            v.plot: empty_figure(m)}
 
 
 def build(m: demo.Model | None, model_dd: gr.Dropdown) -> View:
@@ -136,8 +137,8 @@ def build(m: demo.Model | None, model_dd: gr.Dropdown) -> View:
             temp = gr.Slider(0.1, 2.0, d["temperature"], step=0.05, label="Temperature (starts at the model's default)")
             topk = gr.Slider(0, K, d["top_k"], step=1, label="Top-k (0 = off)")
             topp = gr.Slider(0.05, 1.0, d["top_p"], step=0.05, label="Top-p (1 = off)")
-            cfg = gr.Slider(1.0, 8.0, d["cfg"], step=0.25, label="Classifier-free guidance (1 = off)",
-                            interactive=bool(m and m.has_cfg))
+            cfg_scale = gr.Slider(1.0, 8.0, d["cfg_scale"], step=0.25, label="Classifier-free guidance (1 = off)",
+                                  interactive=bool(m and m.has_cfg))
             seed = gr.Number(0, label="Seed", precision=0, minimum=0)
             color = gr.Radio(["id", "probability"], value="id", label="Colour tokens by")
             compare = common.compare_dropdown()
@@ -159,8 +160,8 @@ def build(m: demo.Model | None, model_dd: gr.Dropdown) -> View:
             with gr.Accordion("Tokens and settings (JSON)", open=False):
                 data = gr.JSON(label="tokens")
     last = gr.State(None)
-    btn.click(sample, [cls, n, temp, topk, topp, cfg, seed, color, model_dd, compare],
+    btn.click(sample, [cls, n, temp, topk, topp, cfg_scale, seed, color, model_dd, compare],
               [plot, pics, timing, data, last, plot2, pics2], api_name="sample")
     common.wire_compare(compare, model_dd, second, caption, (pics, pics2), (4, 2))
     color.change(recolor, [color, last], plot, api_visibility="private")
-    return View(cls, temp, topk, topp, cfg, plot)
+    return View(cls, temp, topk, topp, cfg_scale, plot)

@@ -97,7 +97,7 @@ def test_completion_speed_counts_only_generated_tokens() -> None:
 
 def test_sampling_args_keep_omitted_settings_none() -> None:
     assert demo.sampling_args() == dict(temperature=None, top_k=None, top_p=None)
-    assert demo.sampling_args(0.5, 0.0, 1.0, 1.0) == dict(temperature=0.5, top_k=0.0, top_p=1.0, cfg=1.0)
+    assert demo.sampling_args(0.5, 0.0, 1.0, 1.0) == dict(temperature=0.5, top_k=0.0, top_p=1.0, cfg_scale=1.0)
 
 
 def test_the_last_choice_wins(registry: common.Registry, tmp_path: Path) -> None:
@@ -140,7 +140,7 @@ def test_generate_clears_the_last_run_then_streams(registry: common.Registry, bu
     assert len(pics) == 3 and all(Image.open(p).size == (16, 16) for p, _ in pics)
     assert [c for _, c in pics] == [f"#{i} · class 1 · seed 5" for i in range(3)]
     ref = load_bundle(bundle, device="cpu", threads=1).generate([1, 1, 1], seed=5, temperature=1.0, top_k=0,
-                                                                  top_p=1.0, cfg=1.0)
+                                                                  top_p=1.0, cfg_scale=1.0)
     assert data["disc_tokens"] == ref.disc_tokens.tolist()
     assert [a["text"] for a in fig.layout.annotations] == [f"#{i} · class 1" for i in range(3)]
 
