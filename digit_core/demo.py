@@ -81,7 +81,8 @@ class Model:
         return list(c.class_names) or [f"class {i}" for i in range(c.stage1.num_classes)]
 
     @property
-    def has_cfg(self) -> bool:
+    def has_guidance(self) -> bool:
+        """Whether classifier-free guidance applies: a class-conditional model with a null class."""
         return self.config.stage1.num_classes > 0 and self.config.stage1.null_class_id is not None
 
     def once(self, key: str, make: Callable[[], Any]) -> Any:
@@ -275,7 +276,7 @@ def completion_class_choices(model: Model) -> list[str]:
     """What a completion can be conditioned on: the null class first (label-dropout models), then the classes."""
     if not model.config.stage1.num_classes:
         return [UNCONDITIONAL]
-    return ([NULL_CLASS] if model.has_cfg else []) + model.class_names
+    return ([NULL_CLASS] if model.has_guidance else []) + model.class_names
 
 
 def integer(name: str, value: Any, lo: int, hi: int) -> int:
@@ -311,7 +312,7 @@ def completion_class(model: Model, choice: str | None) -> int | None:
         return None
     if choice not in model.class_names:
         raise ValueError(f"unknown class {choice!r:.80}; this model has: {', '.join(model.class_names)}"
-                         + (f" (or {NULL_CLASS!r})" if model.has_cfg else ""))
+                         + (f" (or {NULL_CLASS!r})" if model.has_guidance else ""))
     return model.class_names.index(choice)
 
 

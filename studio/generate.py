@@ -112,7 +112,7 @@ def defaults(m: demo.Model | None) -> dict[str, float]:
     the sliders' terms (top-k 0, top-p 1, CFG 1 = off)."""
     s = m.config.sampling if m else None
     return dict(temperature=s.temperature if s else 1.0, top_k=(s.top_k or 0) if s else 0,
-                top_p=(s.top_p or 1.0) if s else 1.0, cfg_scale=(s.cfg_scale or 1.0) if s and m.has_cfg else 1.0)
+                top_p=(s.top_p or 1.0) if s else 1.0, cfg_scale=(s.cfg_scale or 1.0) if s and m.has_guidance else 1.0)
 
 
 def on_model(v: View, m: demo.Model | None) -> dict:
@@ -121,7 +121,7 @@ def on_model(v: View, m: demo.Model | None) -> dict:
     d = defaults(m)
     return {v.cls: gr.update(choices=demo.class_choices(m), value=demo.class_choices(m)[0]),
             v.temperature: d["temperature"], v.top_k: gr.update(maximum=m.config.stage1_vocab, value=d["top_k"]),
-            v.top_p: d["top_p"], v.cfg_scale: gr.update(interactive=m.has_cfg, value=d["cfg_scale"]),
+            v.top_p: d["top_p"], v.cfg_scale: gr.update(interactive=m.has_guidance, value=d["cfg_scale"]),
             v.plot: empty_figure(m)}
 
 
@@ -138,7 +138,7 @@ def build(m: demo.Model | None, model_dd: gr.Dropdown) -> View:
             topk = gr.Slider(0, K, d["top_k"], step=1, label="Top-k (0 = off)")
             topp = gr.Slider(0.05, 1.0, d["top_p"], step=0.05, label="Top-p (1 = off)")
             cfg_scale = gr.Slider(1.0, 8.0, d["cfg_scale"], step=0.25, label="Classifier-free guidance (1 = off)",
-                                  interactive=bool(m and m.has_cfg))
+                                  interactive=bool(m and m.has_guidance))
             seed = gr.Number(0, label="Seed", precision=0, minimum=0)
             color = gr.Radio(["id", "probability"], value="id", label="Colour tokens by")
             compare = common.compare_dropdown()
