@@ -40,7 +40,7 @@ from plotly.subplots import make_subplots
 from digit_core import layout
 from digit_core.flows import keep_rows_for
 from digit_core.metrics import PAPER_TABLE1, SNR_LEVELS_DB, bootstrap_ci, disc_encode, token_stability
-from digit_core.pipeline import DiGIT
+from digit_core.pipeline import DiGIT, to_channels
 from digit_core.runtime import load_bundle
 from training.analyses.common import Section, fmt, probe_accuracy, table, write_section
 from training.data import as_uint8
@@ -82,11 +82,11 @@ def float_encode(model: DiGIT):
     def encode(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         t = torch.from_numpy(x).float().permute(0, 3, 1, 2).to(model.device)
         with torch.inference_mode():
-            if model.config.is_vq:
-                z = model.vqgan.encode_latent(t).permute(0, 2, 3, 1)
+            if model.config.is_vq:   # the VQGAN may take 3 channels of a grey image, as VQEncoder gives them
+                z = model.vqgan.encode_latent(to_channels(t, model.vqgan.cfg.in_channels)).permute(0, 2, 3, 1)
                 ids = model.vqgan.quantize.nearest(z.reshape(-1, z.shape[-1])).view(z.shape[:3])
                 return ids.cpu().numpy(), z.cpu().numpy()
-            feats = model.encoder.features(t)
+            feats = model.encoder.features(to_channels(t, model.encoder.cfg.in_chans))
             return model.codebook.assign(feats)[0].cpu().numpy(), feats.cpu().numpy()
     return encode
 
@@ -192,9 +192,18 @@ def measure(name: str, o: argparse.Namespace) -> dict[str, Any]:
 
 
 # -- the report ----------------------------------------------------------------------------------------------
+def budget(folder: Path) -> dict[str, Any]:
+    """Each stage's budget from the run's records (``<records>/<run>/<stage>/train_config.json``)."""
+    out = {}
+    for c in sorted(folder.glob("stage*/train_config.json")):
+        d = json.loads(c.read_text())
+        out[c.parent.name] = {k: d.get(k) for k in ("steps", "batch_size", "lr", "ema", "seed", "data", "val_data")}
+    return out
+
+
 def load_all(records: Path) -> list[dict[str, Any]]:
     order = list(TOKENIZERS)
-    rows = [json.loads(p.read_text()) for p in sorted(records.glob("*/measure.json"))]
+    rows = [json.loads(p.read_text()) | {"budget": budget(p.parent)} for p in sorted(records.glob("*/measure.json"))]
     return sorted(rows, key=lambda r: (order.index(r["name"]) if r["name"] in order else len(order),
                                        r.get("train_seed", 0)))
 
@@ -283,13 +292,29 @@ def markdown(rows: list[dict[str, Any]], missing: list[str]) -> str:
               " / ".join(f"{s['fd']:.2f}" for s in r["generation"][k]["per_seed"])]
              for r in rows for k in ("unguided", "guided")]
     g = rows[0]["guidance"] if rows else None
-    text = [table(head, body), "",
+    first = lambda r: r.get("budget", {}).get("stage1") or r.get("budget", {}).get("stage1_vq") or {}
+    s1b = first(rows[0]) if rows else {}
+    s2b = next((r["budget"]["stage2"] for r in rows if "stage2" in r.get("budget", {})), {})
+    same = (len({(first(r).get("steps"), first(r).get("batch_size")) for r in rows}) == 1
+            and len({(r["budget"]["stage2"]["steps"], r["budget"]["stage2"]["batch_size"])
+                     for r in rows if "stage2" in r.get("budget", {})}) <= 1)
+    proto = (f"**Protocol.** Every run: stage 1 {s1b.get('steps')} steps x {s1b.get('batch_size')} rows"
+             + (f", stage 2 {s2b.get('steps')} x {s2b.get('batch_size')}" if s2b else "")
+             + f" on `{s1b.get('data')}` (held-out losses on `{s1b.get('val_data')}`)"
+             + ("; the same budget for every run." if same else "; **budgets differ between runs** (see the JSON).")
+             + f" Measured on the test split: {rows[0]['generation']['unguided']['n'] if rows else 0} samples per "
+             f"setting (all seeds), {rows[0]['completion'].get('50.0', {}).get('n', 0) if rows else 0} completions per "
+             "prefix, Table 1 on the first test images. Nothing was chosen from these figures.")
+    paper = table(["ImageNet (paper)", "tokens changed at 10 dB (Table 1)", "FID (Table 3a)"],
+                  [[k, f"{x:.3f}", f"{y:.2f}"] for k, (x, y) in PAPER_POINTS.items()])
+    text = [proto, "", table(head, body), "",
             f"Intervals: bootstrap 95% over the samples of all {len(rows[0]['seeds']) if rows else 0} sampling seeds "
             f"pooled; guided = cfg {g}; every model samples with {json.dumps(SETTINGS)}.", "",
             "**Per sampling seed** (accuracy % / Fréchet distance):", "",
             table(["tokenizer", "sampling", "accuracy by seed", "FD by seed"], seeds), "",
             "**Information** (linear probes on test images; stage-1 layers 0..L, first token the null class):", "",
             table(["tokenizer", "pixels", "pooled features", "stage-1 layers"], layers), "",
+            "**The paper's points** (the figure's right panel):", "", paper, "",
             "**Findings**", ""] + [f"- {f}" for f in findings(rows)]
     if missing:
         text += ["", f"Not measured yet: {', '.join(missing)} (`python -m training.thesis` trains them)."]
