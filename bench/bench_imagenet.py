@@ -116,7 +116,7 @@ def end_to_end_child(kind: str, path: str, threads: int) -> dict[str, Any]:
     m: Flows = DiGIT.load(path) if kind == "eager" else load_bundle(path, device="cpu", threads=threads)
     load = time.perf_counter() - t
     t = time.perf_counter()
-    g = m.generate([0], seed=0, cfg=None)
+    g = m.generate([0], seed=0, cfg_scale=None)
     total = time.perf_counter() - t
     return {"load_s": load, **{f"{k}_s": v for k, v in g.timings.items()}, "total_s": total, "peak_rss": peak_rss()}
 

@@ -152,7 +152,7 @@ def main() -> None:
     t_o, t_e = best_times([lambda m=m: m.decode_vq(vq) for m in (bundle, model)])
     rows.append(("VQ decoding, batch 8", "images/s", 8 / t_o, 8 / t_e, ""))
     classes = list(range(8))
-    t_o, t_e = best_times([lambda m=m: m.sample(classes, seed=0, cfg=1.5) for m in (bundle, model)], repeats=3)
+    t_o, t_e = best_times([lambda m=m: m.sample(classes, seed=0, cfg_scale=1.5) for m in (bundle, model)], repeats=3)
 
     print(f"onnxruntime {ort.__version__} (CPUExecutionProvider) vs PyTorch {torch.__version__} eager, "
           f"{args.threads} threads, fmnist_small() random weights; copy bandwidth {bw / 1e9:.1f} GB/s\n")

@@ -14,11 +14,11 @@ from test_evaluate import separable_folder
 
 
 def test_the_rule_prefers_low_fd_among_accurate_settings() -> None:
-    rows = [{"cfg": 1.0, "top_k": 0, "class_accuracy": 0.70, "fd": 2.0},
-            {"cfg": 2.5, "top_k": 0, "class_accuracy": 0.91, "fd": 3.0},
-            {"cfg": 3.5, "top_k": 0, "class_accuracy": 0.95, "fd": 5.0}]
-    assert choose(rows, 0.90)["cfg"] == 2.5                       # accurate enough, and the closest to the data
-    assert choose(rows, 0.99)["cfg"] == 3.5                       # none reaches it: the most accurate
+    rows = [{"cfg_scale": 1.0, "top_k": 0, "class_accuracy": 0.70, "fd": 2.0},
+            {"cfg_scale": 2.5, "top_k": 0, "class_accuracy": 0.91, "fd": 3.0},
+            {"cfg_scale": 3.5, "top_k": 0, "class_accuracy": 0.95, "fd": 5.0}]
+    assert choose(rows, 0.90)["cfg_scale"] == 2.5                 # accurate enough, and the closest to the data
+    assert choose(rows, 0.99)["cfg_scale"] == 3.5                 # none reaches it: the most accurate
 
 
 def test_sweep_end_to_end_writes_every_setting(tmp_path: Path) -> None:
@@ -27,14 +27,14 @@ def test_sweep_end_to_end_writes_every_setting(tmp_path: Path) -> None:
     fit = separable_folder(tmp_path / "fit", per_class=12)
     val = separable_folder(tmp_path / "val", per_class=6, seed=1)
     out = tmp_path / "sweep.json"
-    main([f"--bundle={bundle}", f"--data={fit}", f"--test_data={val}", "--per_class=4", "--cfgs=[1,2]",
+    main([f"--bundle={bundle}", f"--data={fit}", f"--test_data={val}", "--per_class=4", "--cfg_scales=[1,2]",
           "--top_ks=[0,4]", "--batch_size=6", "--threads=1", "--classifier_epochs=5", "--n_boot=20",
           f"--classifier={tmp_path / 'clf.safetensors'}", "--device=cpu", f"--out={out}"])
     r = json.loads(out.read_text())
-    assert [(row["cfg"], row["top_k"]) for row in r["rows"]] == [(1, 0), (1, 4), (2, 0), (2, 4)]
+    assert [(row["cfg_scale"], row["top_k"]) for row in r["rows"]] == [(1, 0), (1, 4), (2, 0), (2, 4)]
     for row in r["rows"]:
         assert 0 <= row["class_accuracy_ci"][0] <= row["class_accuracy"] <= row["class_accuracy_ci"][1] <= 1
-        assert row["fd_ci"][0] <= row["fd"] + 1e-9 and row["settings"]["cfg_scale"] == row["cfg"]
+        assert row["fd_ci"][0] <= row["fd"] + 1e-9 and row["settings"]["cfg_scale"] == row["cfg_scale"]
         assert row["settings"]["top_k"] == row["top_k"]           # the settings the generation recorded
-    assert (r["chosen"]["cfg"], r["chosen"]["top_k"]) in {(1, 0), (1, 4), (2, 0), (2, 4)}
+    assert (r["chosen"]["cfg_scale"], r["chosen"]["top_k"]) in {(1, 0), (1, 4), (2, 0), (2, 4)}
     assert r["samples_per_setting"] == 12 and r["judge"]["test_data"] == str(val)

@@ -38,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
             ap.add_argument(f"--{f.name}", default=f.default, help=f"comma-separated (default {f.default})",
                             type=lambda s, kind=kind: tuple(kind(v) for v in s.split(",") if v))
         else:
-            ap.add_argument(f"--{f.name}", default=f.default, type=float if f.name == "cfg" else type(f.default),
+            ap.add_argument(f"--{f.name}", default=f.default, type=float if f.name == "cfg_scale" else type(f.default),
                             help=f"default {f.default!r}")
     ap.add_argument("--only", default="", help=f"comma-separated subset of {','.join(ORDER)} (default: all)")
     return ap

@@ -53,8 +53,8 @@ def run(ctx: Context) -> Section:
     if C == 0 or vq_model.config.stage1.num_classes != C:
         raise ValueError("the ablation samples class by class: both stage-1 models must be class-conditional "
                          f"with the same classes (got {C} and {vq_model.config.stage1.num_classes})")
-    # DiGIT's default stage-1 settings (guidance: --cfg, else its default), passed explicitly to both models
-    resolved = model.sampling_settings(cfg_scale=o.cfg)
+    # DiGIT's default stage-1 settings (guidance: --cfg_scale, else its default), passed explicitly to both models
+    resolved = model.sampling_settings(cfg_scale=o.cfg_scale)
     shared = {k: getattr(resolved, k) for k in STAGE1_KNOBS}
     classes = np.repeat(np.arange(C), o.n_per_class)
     n = len(classes)

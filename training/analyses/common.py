@@ -54,7 +54,7 @@ class Options:
     n_per_class: int = 50                # ablation samples per class
     n_complete: int = 200                # test images completed at each prefix length
     prefixes: tuple[float, ...] = (12.5, 25.0, 50.0, 75.0)
-    cfg: float | None = None             # guidance for the ablation samples; default the model's sampling.cfg
+    cfg_scale: float | None = None       # guidance for the ablation samples; default the model's sampling.cfg_scale
 
     def path(self, value: str, default: str) -> Path:
         return Path(value) if value else Path(self.root) / default
