@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from test_training import REPO, make_folder
@@ -35,6 +36,15 @@ def test_sweep_trains_measures_and_reports_two_tokenizers(tmp_path: Path) -> Non
     from training.files import load_tensors
     assert load_tensors(enc)[1]["objective"] == "untrained" and (tmp_path / "runs/vit-untrained/kmeans/codebook.safetensors").is_file()
     run("training.thesis", "train", "vq", "vit-untrained", *sweep)
+    # stage 2's cache was put together from stage 1's disc tokens and the VQ run's codes: equal to
+    # the cache stage 2 makes itself
+    composed, meta = load_tensors(tmp_path / "runs/vit-untrained/stage2/tokens.safetensors")
+    assert "composed_from" in meta
+    kmeans = tmp_path / "runs/vit-untrained/kmeans/codebook.safetensors"
+    run("training.stage2", "--config", str(tmp_path / "tiny.yaml"), f"--root={tmp_path / 'fresh'}", "--model=tiny",
+        f"--encoder={enc}", f"--codebook={kmeans}", f"--vqgan={tmp_path / 'vq/vqgan/vqgan.safetensors'}", "--steps=1")
+    fresh, fmeta = load_tensors(tmp_path / "fresh/stage2/tokens.safetensors")
+    assert fmeta["key"] == meta["key"] and all(torch.equal(fresh[k], composed[k]) for k in ("label", "disc", "vq"))
     for name in ("vq", "vit-untrained"):
         assert (tmp_path / f"runs/{name}/bundle/manifest.json").is_file()
     assert not (tmp_path / "runs/vq/stage2").exists()   # VQ codes need no stage 2
