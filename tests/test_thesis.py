@@ -70,7 +70,7 @@ def test_sweep_trains_measures_and_reports_two_tokenizers(tmp_path: Path) -> Non
     assert st["clipped"]["snr_measured"][-1] > st["snr_db"][-1]
     assert abs(st["unclipped"]["snr_measured"][0] - 30.0) < 1.0
     g = m["generation"]
-    assert g["unguided"]["cfg"] == 1.0 and g["guided"]["cfg"] == 3.0 and g["unguided"]["n"] == 2 * 3 * 2
+    assert g["unguided"]["cfg_scale"] == 1.0 and g["guided"]["cfg_scale"] == 3.0 and g["unguided"]["n"] == 2 * 3 * 2
     assert [s["seed"] for s in g["guided"]["per_seed"]] == [0, 1]
     for key in ("accuracy", "fd"):
         est, lo, hi = g["guided"][key]

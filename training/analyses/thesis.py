@@ -11,8 +11,8 @@ all, ``SETTINGS``:
   stage-1 layer's position-averaged hidden state (Figure 3b; first token the null class, so no
   label reaches it), beside raw pixels;
 - modelling: stage 1's held-out loss (``fmnist:val``) in nats per token and per image;
-- generation, for each of ``seeds``: ``n_per_class`` samples per class unguided (cfg 1, the
-  paper's DiGIT figures) and guided (cfg ``guidance``): the share the evaluation's classifier
+- generation, for each of ``seeds``: ``n_per_class`` samples per class unguided (cfg_scale 1, the
+  paper's DiGIT figures) and guided (cfg_scale ``guidance``): the share the evaluation's classifier
   recognises as the class asked for, and the Fréchet distance of its features to test images';
   completions from the top 50% and 12.5% of token rows (null class, no guidance), judged with
   the same rule for every model: the kept pixel rows are the real image's in both, so only what
@@ -163,13 +163,13 @@ def measure(name: str, o: argparse.Namespace) -> dict[str, Any]:
         hits, feats, per_seed = [], [], []
         for s in o.seeds:
             imgs = np.concatenate([bundle.generate(class_ids=classes_[i:i + o.batch], seed=1000 * s + i // o.batch,
-                                                   cfg=g, **SETTINGS).images for i in range(0, len(classes_), o.batch)])
+                                                   cfg_scale=g, **SETTINGS).images for i in range(0, len(classes_), o.batch)])
             f, p = judge(imgs)
             hits.append(p == classes_)
             feats.append(f)
             per_seed.append({"seed": s, "accuracy": float(hits[-1].mean()), "fd": frechet_distance(f, ref)})
         h, f = np.concatenate(hits), np.concatenate(feats)
-        gen[label] = {"cfg": g, "n": len(h), "accuracy": ci(h), "fd": fd_ci(f, ref), "per_seed": per_seed}
+        gen[label] = {"cfg_scale": g, "n": len(h), "accuracy": ci(h), "fd": fd_ci(f, ref), "per_seed": per_seed}
     comp = {}
     grid, S = cfg.disc_grid, cfg.image_size
     for pct in o.prefixes:
@@ -309,7 +309,7 @@ def markdown(rows: list[dict[str, Any]], missing: list[str]) -> str:
                   [[k, f"{x:.3f}", f"{y:.2f}"] for k, (x, y) in PAPER_POINTS.items()])
     text = [proto, "", table(head, body), "",
             f"Intervals: bootstrap 95% over the samples of all {len(rows[0]['seeds']) if rows else 0} sampling seeds "
-            f"pooled; guided = cfg {g}; every model samples with {json.dumps(SETTINGS)}.", "",
+            f"pooled; guided = cfg_scale {g}; every model samples with {json.dumps(SETTINGS)}.", "",
             "**Per sampling seed** (accuracy % / Fréchet distance):", "",
             table(["tokenizer", "sampling", "accuracy by seed", "FD by seed"], seeds), "",
             "**Information** (linear probes on test images; stage-1 layers 0..L, first token the null class):", "",
