@@ -23,7 +23,7 @@ from training.evaltools import (EvalConfig, Labelled, classify, frechet_distance
 from training.files import load_tensors, require
 from training.layout import LAYOUT
 
-ORDER = ("stability", "probe", "ablation", "ssl_type", "completion")   # the paper's order
+ORDER = ("stability", "probe", "ablation", "ssl_type", "completion", "thesis")   # the paper's order, then the sweep
 CLOSE = 0.05
 """Relative differences of a Fréchet distance below this (5%) count as "about the same"."""
 

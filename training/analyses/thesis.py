@@ -33,29 +33,24 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import plotly.graph_objects as go
 import torch
-from plotly.subplots import make_subplots
 
 from digit_core import layout
 from digit_core.flows import keep_rows_for
-from digit_core.metrics import PAPER_TABLE1, SNR_LEVELS_DB, bootstrap_ci, disc_encode, token_stability
+from digit_core.metrics import SNR_LEVELS_DB, bootstrap_ci, disc_encode, token_stability
 from digit_core.pipeline import DiGIT, to_channels
 from digit_core.runtime import load_bundle
-from training.analyses.common import Section, fmt, probe_accuracy, table, write_section
+from training.analyses.common import probe_accuracy
 from training.data import as_uint8
 from training.evaltools import EvalConfig, classify, frechet_distance, from_uint8, get_classifier, load_splits
 from training.files import atomic_write_text
 from training.layout import LAYOUT
+from training.analyses.thesis_report import report
 from training.thesis import TOKENIZERS, Sweep
 
 SETTINGS = {"temperature": 1.0, "top_k": 100, "top_p": 1.0, "stage2_temperature": 1.0, "stage2_top_k": 0,
             "stage2_top_p": 0.8}
 """Every model samples with these (top-k 100 and stage-2 top-p 0.8, the bundled model's defaults)."""
-TEN_DB = SNR_LEVELS_DB.index(10.0)
-PAPER_POINTS = {"VQ tokens": (PAPER_TABLE1["vq_change"][TEN_DB], 24.38),
-                "discriminative tokens": (PAPER_TABLE1["disc_change"][TEN_DB], 9.66)}
-"""(tokens changed at 10 dB, Table 1; FID, Table 3a: ImageNet 256, unconditional, 219M GPT, 200 epochs)."""
 
 
 def ci(hits: np.ndarray, seed: int = 0) -> list[float]:
@@ -133,7 +128,7 @@ def measure(name: str, o: argparse.Namespace) -> dict[str, Any]:
     # stability (x of the thesis)
     x = test_u8[: o.n_table1]
     encode = (lambda im: bundle.vq_encode(im)) if cfg.is_vq else disc_encode(bundle)
-    r["stability"] = {"snr_db": list(SNR_LEVELS_DB), "clipped": token_stability(encode, x, cfg.channels),
+    r["stability"] = {"snr_db": list(SNR_LEVELS_DB), "n": len(x), "clipped": token_stability(encode, x, cfg.channels),
                       "unclipped": token_stability(float_encode(model), x, cfg.channels, clip=False)}
 
     # information
@@ -189,148 +184,6 @@ def measure(name: str, o: argparse.Namespace) -> dict[str, Any]:
     r["generation"], r["completion"] = gen, comp
     r["seconds"] = round(time.perf_counter() - t0, 1)
     return r
-
-
-# -- the report ----------------------------------------------------------------------------------------------
-def budget(folder: Path) -> dict[str, Any]:
-    """Each stage's budget from the run's records (``<records>/<run>/<stage>/train_config.json``)."""
-    out = {}
-    for c in sorted(folder.glob("stage*/train_config.json")):
-        d = json.loads(c.read_text())
-        out[c.parent.name] = {k: d.get(k) for k in ("steps", "batch_size", "lr", "ema", "seed", "data", "val_data")}
-    return out
-
-
-def load_all(records: Path) -> list[dict[str, Any]]:
-    order = list(TOKENIZERS)
-    rows = [json.loads(p.read_text()) | {"budget": budget(p.parent)} for p in sorted(records.glob("*/measure.json"))]
-    return sorted(rows, key=lambda r: (order.index(r["name"]) if r["name"] in order else len(order),
-                                       r.get("train_seed", 0)))
-
-
-def run_name(r: dict[str, Any]) -> str:
-    return r.get("run", r["name"])
-
-
-def figure(rows: list[dict[str, Any]]) -> go.Figure:
-    fig = make_subplots(rows=1, cols=3, subplot_titles=(
-        "ours: class accuracy, unguided", "ours: Fréchet distance, unguided", "paper (ImageNet): FID, Table 3a"))
-    for r in rows:
-        x = r["stability"]["clipped"]["change"][TEN_DB]
-        for col, key, scale in ((1, "accuracy", 100), (2, "fd", 1)):
-            est, lo, hi = (v * scale for v in r["generation"]["unguided"][key])
-            fig.add_trace(go.Scatter(x=[x], y=[est], mode="markers+text", text=[run_name(r)], textposition="top center",
-                                     error_y={"type": "data", "symmetric": False, "array": [hi - est],
-                                              "arrayminus": [est - lo]}, name=run_name(r), showlegend=col == 1,
-                                     legendgroup=run_name(r)), 1, col)
-    for label, (x, fid) in PAPER_POINTS.items():
-        fig.add_trace(go.Scatter(x=[x], y=[fid], mode="markers+text", text=[label], textposition="top center",
-                                 marker={"symbol": "diamond", "size": 10, "color": "black"}, showlegend=False), 1, 3)
-    for col in (1, 2, 3):
-        fig.update_xaxes(title_text="tokens changed at 10 dB (Table 1)", row=1, col=col)
-    fig.update_yaxes(title_text="recognised as the class asked (%)", row=1, col=1)
-    fig.update_yaxes(title_text="Fréchet distance (classifier features)", row=1, col=2)
-    fig.update_yaxes(title_text="FID", row=1, col=3)
-    fig.update_layout(height=480, title="Stability (x) against generation (y), equal budgets")
-    return fig
-
-
-def rank_corr(a: list[float], b: list[float]) -> float | None:
-    """Spearman's rank correlation (no ties expected); None for fewer than 3 points."""
-    if len(a) < 3:
-        return None
-    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-    return float(np.corrcoef(ra, rb)[0, 1])
-
-
-def findings(runs: list[dict[str, Any]]) -> list[str]:
-    """Computed on each tokenizer's first training seed; other seeds give the training spread."""
-    out = []
-    rows = [r for r in runs if r.get("train_seed", 0) == 0]
-    x = [r["stability"]["clipped"]["change"][TEN_DB] for r in rows]
-    for key, word, sign in (("accuracy", "class accuracy", -1), ("fd", "Fréchet distance", 1)):
-        y = [r["generation"]["unguided"][key][0] for r in rows]
-        rho = rank_corr(x, y)
-        if rho is None:
-            continue
-        holds = sign * rho > 0.5
-        out.append(f"Across the {len(rows)} tokenizers, the rank correlation of tokens changed at 10 dB with the unguided "
-                   f"{word} is {rho:+.2f}: " + ("the thesis's direction (more stable, better samples) holds."
-                                               if holds else "the thesis's direction does not hold at our scale."))
-    best = max(rows, key=lambda r: r["generation"]["unguided"]["accuracy"][0])
-    steady = min(rows, key=lambda r: r["stability"]["clipped"]["change"][TEN_DB])
-    out.append(f"Most stable tokens: {steady['name']} ({steady['stability']['clipped']['change'][TEN_DB]:.3f} changed "
-               f"at 10 dB); best unguided samples: {best['name']} ({100 * best['generation']['unguided']['accuracy'][0]:.1f}% "
-               "recognised)." + ("" if best is steady else " They are not the same tokenizer."))
-    for name in dict.fromkeys(r["name"] for r in runs):
-        same = [r for r in runs if r["name"] == name]
-        if len(same) > 1:
-            acc = ", ".join(f"{100 * r['generation']['unguided']['accuracy'][0]:.1f}%" for r in same)
-            fd = ", ".join(f"{r['generation']['unguided']['fd'][0]:.2f}" for r in same)
-            out.append(f"Training seeds of {name} ({', '.join(str(r.get('train_seed', 0)) for r in same)}): "
-                       f"unguided accuracy {acc}; Fréchet distance {fd}.")
-    return out
-
-
-def markdown(rows: list[dict[str, Any]], missing: list[str]) -> str:
-    pct = lambda v: f"{100 * v[0]:.1f} [{100 * v[1]:.1f}, {100 * v[2]:.1f}]"
-    fd = lambda v: f"{v[0]:.2f} [{v[1]:.2f}, {v[2]:.2f}]"
-    head = ["tokenizer", "changed 10 dB (clipped / unclipped)", "measured SNR at 10 dB", "bag-of-tokens probe",
-            "stage-1 loss nats/token (/image)", "unguided acc %", "unguided FD", "guided acc %", "guided FD",
-            "completion 50% %", "completion 12.5% %"]
-    body = []
-    for r in rows:
-        st, m, g, c = r["stability"], r["modelling"], r["generation"], r["completion"]
-        body.append([run_name(r), f"{st['clipped']['change'][TEN_DB]:.3f} / {st['unclipped']['change'][TEN_DB]:.3f}",
-                     f"{st['clipped']['snr_measured'][TEN_DB]:.2f} dB", fmt(r["information"]["bag_of_tokens"]),
-                     f"{fmt(m['stage1_val_loss'])} ({fmt(m['nats_per_image'], 1)})",
-                     pct(g["unguided"]["accuracy"]), fd(g["unguided"]["fd"]), pct(g["guided"]["accuracy"]),
-                     fd(g["guided"]["fd"]), pct(c["50.0"]["agreement"]), pct(c["12.5"]["agreement"])])
-    layers = [[run_name(r), fmt(r["information"]["pixels"]), fmt(r["information"]["features"]),
-               " / ".join(fmt(v) for v in r["information"]["stage1_layers"])] for r in rows]
-    seeds = [[run_name(r), k, " / ".join(f"{100 * s['accuracy']:.1f}" for s in r["generation"][k]["per_seed"]),
-              " / ".join(f"{s['fd']:.2f}" for s in r["generation"][k]["per_seed"])]
-             for r in rows for k in ("unguided", "guided")]
-    g = rows[0]["guidance"] if rows else None
-    first = lambda r: r.get("budget", {}).get("stage1") or r.get("budget", {}).get("stage1_vq") or {}
-    s1b = first(rows[0]) if rows else {}
-    s2b = next((r["budget"]["stage2"] for r in rows if "stage2" in r.get("budget", {})), {})
-    same = (len({(first(r).get("steps"), first(r).get("batch_size")) for r in rows}) == 1
-            and len({(r["budget"]["stage2"]["steps"], r["budget"]["stage2"]["batch_size"])
-                     for r in rows if "stage2" in r.get("budget", {})}) <= 1)
-    proto = (f"**Protocol.** Every run: stage 1 {s1b.get('steps')} steps x {s1b.get('batch_size')} rows"
-             + (f", stage 2 {s2b.get('steps')} x {s2b.get('batch_size')}" if s2b else "")
-             + f" on `{s1b.get('data')}` (held-out losses on `{s1b.get('val_data')}`)"
-             + ("; the same budget for every run." if same else "; **budgets differ between runs** (see the JSON).")
-             + f" Measured on the test split: {rows[0]['generation']['unguided']['n'] if rows else 0} samples per "
-             f"setting (all seeds), {rows[0]['completion'].get('50.0', {}).get('n', 0) if rows else 0} completions per "
-             "prefix, Table 1 on the first test images. Nothing was chosen from these figures.")
-    paper = table(["ImageNet (paper)", "tokens changed at 10 dB (Table 1)", "FID (Table 3a)"],
-                  [[k, f"{x:.3f}", f"{y:.2f}"] for k, (x, y) in PAPER_POINTS.items()])
-    text = [proto, "", table(head, body), "",
-            f"Intervals: bootstrap 95% over the samples of all {len(rows[0]['seeds']) if rows else 0} sampling seeds "
-            f"pooled; guided = cfg_scale {g}; every model samples with {json.dumps(SETTINGS)}.", "",
-            "**Per sampling seed** (accuracy % / Fréchet distance):", "",
-            table(["tokenizer", "sampling", "accuracy by seed", "FD by seed"], seeds), "",
-            "**Information** (linear probes on test images; stage-1 layers 0..L, first token the null class):", "",
-            table(["tokenizer", "pixels", "pooled features", "stage-1 layers"], layers), "",
-            "**The paper's points** (the figure's right panel):", "", paper, "",
-            "**Findings**", ""] + [f"- {f}" for f in findings(rows)]
-    if missing:
-        text += ["", f"Not measured yet: {', '.join(missing)} (`python -m training.thesis` trains them)."]
-    return "\n".join(text)
-
-
-def report(o: argparse.Namespace) -> None:
-    rows = load_all(Path(o.records))
-    if not rows:
-        raise SystemExit(f"no {o.records}/*/measure.json: run `measure` first")
-    missing = [n for n in TOKENIZERS if n not in {r["name"] for r in rows}]
-    data = {"tokenizers": rows, "missing": missing, "paper_points": PAPER_POINTS, "settings": SETTINGS}
-    section = Section("thesis", "The thesis: token stability against generation, across tokenizers", data,
-                      figure(rows), markdown(rows, missing))
-    for p in write_section(Path(o.out), section, png=not o.no_png):
-        print(f"wrote {p}")
 
 
 def main(argv: list[str] | None = None) -> None:
