@@ -23,7 +23,8 @@ from training.evaltools import (EvalConfig, Labelled, classify, frechet_distance
 from training.files import load_tensors, require
 from training.layout import LAYOUT
 
-ORDER = ("stability", "probe", "ablation", "ssl_type", "completion", "thesis")   # the paper's order, then the sweep
+ORDER = ("stability", "probe", "ablation", "ssl_type", "completion")   # the paper's order
+SECTIONS = (*ORDER, "thesis")   # what README.md joins: the analyses, then the sweep (training.analyses.thesis)
 CLOSE = 0.05
 """Relative differences of a Fréchet distance below this (5%) count as "about the same"."""
 
@@ -222,7 +223,7 @@ def write_section(out: Path, s: Section, png: bool = True) -> list[Path]:
 def write_readme(out: Path, name: str, header: str) -> Path:
     """``README.md``: a header, then every section file present, in the paper's order."""
     parts = [f"# DiGIT analyses: {name}\n\n{header.strip()}\n"]
-    parts += [(out / f"{k}.md").read_text() for k in ORDER if (out / f"{k}.md").is_file()]
+    parts += [(out / f"{k}.md").read_text() for k in SECTIONS if (out / f"{k}.md").is_file()]
     path = out / "README.md"
     path.write_text("\n".join(parts))
     return path
