@@ -98,3 +98,11 @@ def test_sweep_cli_refuses_unknown_tokenizers_and_stages(tmp_path: Path) -> None
     r = subprocess.run([sys.executable, "-m", "training.thesis", "train", "conv-vit-untrained",
                         f"--root={tmp_path}"], cwd=REPO, capture_output=True, text=True)
     assert r.returncode != 0 and "no tokenizer yet" in r.stderr
+
+
+@pytest.mark.parametrize("name", ["thesis", "tokenizer_choice"])
+def test_an_analysis_run_as_a_file_says_how_to_run_it(name: str) -> None:
+    r = subprocess.run([sys.executable, f"training/analyses/{name}.py", "--help"], cwd=REPO, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 1 and r.stderr.strip() == (f"run the analyses as modules from the repository root: "
+                                                      f"python -m training.analyses.{name} --help")

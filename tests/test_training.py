@@ -313,7 +313,7 @@ def test_fmnist_script_runs_every_stage_to_a_bundle_and_assets(tmp_path: Path, f
 
 
 @pytest.mark.parametrize("stage", ["ssl", "features", "kmeans", "vqgan", "stage1", "stage2", "assemble", "evaluate",
-                                   "sampling_sweep", "publish", "eval_imagenet"])
+                                   "sampling_sweep", "publish", "eval_imagenet", "thesis", "unbundle"])
 def test_a_stage_run_as_a_file_says_how_to_run_it(stage: str) -> None:
     """``python training/X.py`` puts training/ first on the path, where ssl.py would shadow the
     standard library's ssl (a circular-import traceback inside torch): each stage says instead

@@ -26,6 +26,9 @@ all, ``SETTINGS``:
 """
 from __future__ import annotations
 
+if __name__ == "__main__" and not __package__:   # run as a file: the repository root is not on the path
+    raise SystemExit("run the analyses as modules from the repository root: python -m training.analyses.thesis --help")
+
 import argparse
 import json
 import time

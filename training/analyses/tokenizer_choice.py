@@ -18,6 +18,9 @@ beat it, since an untrained network already gives stable tokens (it smooths the 
 """
 from __future__ import annotations
 
+if __name__ == "__main__" and not __package__:   # run as a file: the repository root is not on the path
+    raise SystemExit("run the analyses as modules from the repository root: python -m training.analyses.tokenizer_choice --help")
+
 import argparse
 import json
 import time
