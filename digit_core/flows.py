@@ -4,18 +4,17 @@
     generate: class -> stage 1 -> discriminative tokens -> stage 2 -> VQ tokens -> VQ decoder
     complete: image -> tokenize -> keep the top rows -> stage 1 continues -> stage 2 -> image
 
-The VQ-AR baseline (``config.tokens == "vq"``) runs the same flows with VQ ids as its stage-1
-tokens: the VQ encoder tokenizes a completion's prefix and stage 2 is skipped.
+The VQ-AR baseline (``config.tokens == "vq"``) runs the same flows with VQ ids as its stage-1 tokens: the VQ
+encoder tokenizes a completion's prefix and stage 2 is skipped.
 
-``Flows`` holds the logic; a backend supplies five operations on numpy arrays. The PyTorch
-pipeline (``digit_core.pipeline.DiGIT``) and the onnxruntime runtime
-(``digit_core.runtime.Bundle``) are two backends of this one class, so they cannot drift
-apart, and tests compare them on equal inputs.
+``Flows`` holds the logic; a backend supplies five operations on numpy arrays. The PyTorch pipeline
+(``pipeline.DiGIT``) and the onnxruntime runtime (``runtime.Bundle``) are two backends of this one
+class, so they cannot drift apart, and tests compare them on equal inputs.
 
-Sampling settings follow one rule everywhere: a knob left out (or None) takes the model's
-default (``config.sampling``); an explicit value is used as given, and "off" is spelled
-``top_k=0``, ``top_p=1``, ``cfg_scale=1``. Every generation records the settings it used
-(``Generation.settings``). Every number is validated here, before any network runs.
+Sampling settings follow one rule everywhere: a knob left out (or None) takes the model's default
+(``config.sampling``); an explicit value is used as given, and "off" is spelled ``top_k=0``, ``top_p=1``,
+``cfg_scale=1``. Every generation records the settings it used (``Generation.settings``). Every number is
+validated here, before any network runs.
 """
 from __future__ import annotations
 
@@ -31,8 +30,8 @@ import numpy as np
 
 from . import layout
 from .config import RENAMED_SAMPLING, DiGITConfig
-from .sampling import (Sampler, check_cfg_scale, check_number, check_seed, check_temperature, check_top_k, check_top_p,
-                       guide, row_generators, softmax)
+from .sampling import (Sampler, check_cfg_scale, check_number, check_positive_int, check_seed, check_temperature,
+                       check_top_k, check_top_p, guide, row_generators, softmax)
 
 StepFn = Callable[[np.ndarray, int], np.ndarray]
 """``step(tokens [B, S] int64, start) -> logits [B, out_vocab] float32`` of the last position;
@@ -98,10 +97,6 @@ def _current_names(knobs: dict[str, float | int | None]) -> dict[str, float | in
         if value is not None:
             out[new] = value
     return out
-
-
-def check_positive_int(value: object, name: str = "n") -> int:
-    return int(check_number(name, value, lambda v: v >= 1, "a positive integer", integer=True))
 
 
 def keep_rows_for(percent: float, grid: int) -> int:
@@ -336,6 +331,19 @@ class Flows(ABC):
         t3 = time.perf_counter()
         return Generation(images, codes.reshape(B, n, n), vq.reshape(B, m, m), probs.reshape(B, n, n), settings, seed,
                           {"stage1": t1 - t0, "stage2": t2 - t1, "decode": t3 - t2})
+
+    def render(self, codes: np.ndarray, *, seed: int = 0, **stage2: float | int | None) -> np.ndarray:
+        """Images uint8 ``[N, H, W, 3]`` of stage-1 grids ``[N, n, n]`` (e.g. real tokens) through stage 2 (``stage2_*``
+        knobs, row ``i`` seeded ``(seed, i)``) and the VQ decoder: what stage 2 makes of real tokens bounds generation."""
+        if bad := sorted(k for k in stage2 if not k.startswith("stage2_")):
+            raise TypeError(f"render takes only the stage2_* sampling knobs, got {bad}")
+        c, n, K, st = np.asarray(codes), self.config.disc_grid, self.config.stage1_vocab, self.sampling_settings(**stage2)
+        if c.ndim != 3 or c.shape[1:] != (n, n) or not len(c) or c.min() < 0 or c.max() >= K:
+            raise ValueError(f"codes must be [N >= 1, {n}, {n}] ids in 0..{K - 1}, got {c.dtype} {c.shape}")
+        flat, sampler = c.astype(np.int64).reshape(len(c), n * n), Sampler(st.stage2_temperature, st.stage2_top_k,
+                                                                            st.stage2_top_p)
+        vq = flat if self.config.is_vq else self._stage2(flat, sampler, row_generators(seed, len(c)))
+        return self.decode_vq(vq.reshape(len(c), self.config.vq_grid, self.config.vq_grid))
 
     # -- the two autoregressive stages ------------------------------------------------------------
     def _stage1(self, first: np.ndarray, sampler: Sampler, rngs: list[np.random.Generator], cfg_scale: float | None,

@@ -61,6 +61,10 @@ def check_cfg_scale(value: object, name: str = "cfg_scale") -> float:
                               f"a finite number in [0, {MAX_CFG_SCALE:g}] (1 = off)"))
 
 
+def check_positive_int(value: object, name: str = "n") -> int:
+    return int(check_number(name, value, lambda v: v >= 1, "a positive integer", integer=True))
+
+
 def check_seed(value: object) -> int:
     return int(check_number("seed", value, lambda v: 0 <= v < SEED_LIMIT, "an integer in [0, 2**63)", integer=True))
 

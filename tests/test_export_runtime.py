@@ -303,6 +303,21 @@ def test_complete_many_is_a_batch_of_single_completions(model: DiGIT, bundle: Bu
         bundle.complete_many(imgs, keep_rows=2, class_ids=[0, 1])
 
 
+def test_render_turns_real_tokens_into_images_as_pytorch_does(model: DiGIT, bundle: Bundle) -> None:
+    """Flows.render: stage 2 + the VQ decoder on given stage-1 grids (the thesis report's stage-2 ceiling)."""
+    codes = bundle.tokenize(_images(3, seed=2))[0]
+    a, b = bundle.render(codes, seed=1, stage2_top_k=8), model.render(codes, seed=1, stage2_top_k=8)
+    assert a.shape == (3, 16, 16, 3) and a.dtype == np.uint8 and np.abs(a.astype(int) - b).max() <= 1
+    # row i is seeded (seed, i): the first row alone equals the first row of the batch
+    assert np.array_equal(bundle.render(codes[:1], seed=1, stage2_top_k=8)[0], a[0])
+    with pytest.raises(ValueError, match="codes must be"):
+        bundle.render(codes[:, :2])
+    with pytest.raises(ValueError, match="codes must be"):
+        bundle.render(np.full_like(codes, 10_000))
+    with pytest.raises(TypeError, match="only the stage2_"):
+        bundle.render(codes, top_k=3)
+
+
 def test_conv_stem_encoder_exports_and_tokenizes_like_pytorch(tmp_path: Path) -> None:
     cfg = tiny(3)
     cfg.encoder.stem = "conv"

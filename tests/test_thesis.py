@@ -78,8 +78,15 @@ def test_sweep_trains_measures_and_reports_two_tokenizers(tmp_path: Path) -> Non
     assert m["completion"]["12.5"]["keep_rows"] == 1 and m["completion"]["50.0"]["keep_rows"] == 2
     assert m["modelling"]["stage1_val_loss"] > 0 and m["modelling"]["tokens_per_image"] == 16
     assert len(m["information"]["stage1_layers"]) == 3    # tiny's 2 layers + the embedding
+    assert m["ceiling"]["n"] == 8 and 0 <= m["ceiling"]["agreement"][0] <= 1   # all 8 held-out images
     vq = json.loads((tmp_path / "records/vq/measure.json").read_text())
     assert vq["tokens"] == "vq" and vq["encoder"] is None and vq["modelling"]["stage2_val_loss"] is None
+    # --only_ceiling measures the ceiling again, into the record, and keeps the rest of it
+    (tmp_path / "records/vq/measure.json").write_text(json.dumps({k: v for k, v in vq.items() if k != "ceiling"}))
+    run("training.analyses.thesis", "measure", "vq", "--only_ceiling", f"--root={tmp_path / 'runs'}",
+        f"--records={tmp_path / 'records'}", f"--data={folder}", f"--classifier={tmp_path / 'clf.safetensors'}", *sizes)
+    again = json.loads((tmp_path / "records/vq/measure.json").read_text())
+    assert again["ceiling"] == vq["ceiling"] and again["generation"] == vq["generation"]
 
     run("training.analyses.thesis", "report", f"--records={tmp_path / 'records'}", f"--out={tmp_path / 'report'}",
         "--no_png")

@@ -123,3 +123,9 @@ def test_share_with_must_be_a_sibling_bundle(models: tuple[DiGIT, DiGIT], bundle
         export_bundle(models[1], tmp_path / "vq", weights="float16", share_with=bundles / "digit")
     with pytest.raises(BundleError, match="not a bundle"):
         export_bundle(models[1], bundles / "vq2", weights="float16", share_with=bundles / "nothing")
+
+
+def test_render_of_a_vq_token_model_is_the_vq_decoder(models: tuple[DiGIT, DiGIT]) -> None:
+    vq = models[1]
+    ids = np.random.default_rng(0).integers(0, vq.config.stage1_vocab, (2, vq.config.vq_grid, vq.config.vq_grid))
+    assert np.array_equal(vq.render(ids, seed=3), vq.decode_vq(ids))

@@ -115,6 +115,12 @@ def findings(runs: list[dict[str, Any]]) -> list[str]:
                    f"budget: the best discriminative run ({best['name']}, {100 * acc(best)[0]:.1f}% recognised unguided) "
                    f"is {verdict} the VQ run ({100 * acc(vq)[0]:.1f}%)"
                    + (", unlike the paper." if verdict != "above" else ", as in the paper."))
+    if vq and disc and all("ceiling" in r for r in rows):
+        top = lambda r: r["ceiling"]["agreement"]
+        out.append("The stage-2 ceiling (real test images rendered from their own tokens, kept in their class): "
+                   + "; ".join(f"{r['name']} {100 * top(r)[0]:.1f}%" for r in disc)
+                   + f"; VQ codes (the VQGAN's reconstructions) {100 * top(vq)[0]:.1f}%. A discriminative run's "
+                   "samples are bounded by its ceiling, a VQ run's only by the reconstructions.")
     if vq and disc:
         raw = lambda r: r["stability"]["unclipped"]["change"][TEN_DB]
         flipped = [r["name"] for r in disc if (chg(r) < chg(vq)) != (raw(r) < raw(vq))]
@@ -160,7 +166,7 @@ def markdown(rows: list[dict[str, Any]], missing: list[str]) -> str:
     fd = lambda v: f"{v[0]:.2f} [{v[1]:.2f}, {v[2]:.2f}]"
     head = ["tokenizer", "changed 10 dB (clipped / unclipped)", "measured SNR at 10 dB", "bag-of-tokens probe",
             "stage-1 loss nats/token (/image)", "unguided acc %", "unguided FD", "guided acc %", "guided FD",
-            "completion 50% %", "completion 12.5% %"]
+            "completion 50% %", "completion 12.5% %", "stage-2 ceiling %"]
     body = []
     for r in rows:
         st, m, g, c = r["stability"], r["modelling"], r["generation"], r["completion"]
@@ -168,7 +174,8 @@ def markdown(rows: list[dict[str, Any]], missing: list[str]) -> str:
                      f"{st['clipped']['snr_measured'][TEN_DB]:.2f} dB", fmt(r["information"]["bag_of_tokens"]),
                      f"{fmt(m['stage1_val_loss'])} ({fmt(m['nats_per_image'], 1)})",
                      pct(g["unguided"]["accuracy"]), fd(g["unguided"]["fd"]), pct(g["guided"]["accuracy"]),
-                     fd(g["guided"]["fd"]), pct(c["50.0"]["agreement"]), pct(c["12.5"]["agreement"])])
+                     fd(g["guided"]["fd"]), pct(c["50.0"]["agreement"]), pct(c["12.5"]["agreement"]),
+                     pct(r["ceiling"]["agreement"]) if "ceiling" in r else "–"])
     layers = [[run_name(r), fmt(r["information"]["pixels"]), fmt(r["information"]["features"]),
                " / ".join(fmt(v) for v in r["information"]["stage1_layers"])] for r in rows]
     seeds = [[run_name(r), k, " / ".join(f"{100 * s['accuracy']:.1f}" for s in r["generation"][k]["per_seed"]),
@@ -193,7 +200,10 @@ def markdown(rows: list[dict[str, Any]], missing: list[str]) -> str:
                   [[k, f"{x:.3f}", f"{y:.2f}"] for k, (x, y) in PAPER_POINTS.items()])
     text = [proto, "", table(head, body), "",
             f"Intervals: bootstrap 95% over the samples of all {len(rows[0]['seeds']) if rows else 0} sampling seeds "
-            f"pooled; guided = cfg_scale {g}; every model samples with {json.dumps(rows[0]['settings'] if rows else {})}.", "",
+            f"pooled; guided = cfg_scale {g}; every model samples with {json.dumps(rows[0]['settings'] if rows else {})}. "
+            "Stage-2 ceiling: test images rendered from their own tokens by stage 2 and the VQ decoder "
+            "(`Flows.render`; for VQ codes the VQGAN's reconstruction), the share still in the original's class: "
+            "no generation from these tokens can do better.", "",
             "**Per sampling seed** (accuracy % / Fréchet distance):", "",
             table(["tokenizer", "sampling", "accuracy by seed", "FD by seed"], seeds), "",
             "**Information** (linear probes on test images; stage-1 layers 0..L, first token the null class):", "",
