@@ -4,6 +4,7 @@ findings written from the numbers: ``<out>/thesis.{json,md,html,png}``."""
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,8 @@ def figure(rows: list[dict[str, Any]]) -> go.Figure:
         fig.add_trace(go.Scatter(x=[x], y=[fid], mode="markers+text", text=[label], textposition="middle right",
                                  marker={"symbol": "diamond", "size": 10, "color": "black"}, showlegend=False), 1, 3)
     for col in (1, 2, 3):
-        fig.update_xaxes(title_text="tokens changed at 10 dB (Table 1)", range=[0, 1.2 if col == 3 else 1], row=1, col=col)
+        fig.update_xaxes(title_text="tokens changed at 10 dB (Table 1)", range=[0, 1.2 if col == 3 else 1],
+                         row=1, col=col)
     fig.update_yaxes(title_text="recognised as the class asked (%)", row=1, col=1)
     fig.update_yaxes(title_text="Fréchet distance (classifier features)", row=1, col=2)
     fig.update_yaxes(title_text="FID", range=[0, 30], row=1, col=3)
@@ -76,6 +78,15 @@ def rank_corr(a: list[float], b: list[float]) -> float | None:
         return None
     ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
     return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def permutation_p(a: list[float], b: list[float]) -> float | None:
+    """Two-sided exact permutation p-value of Spearman's rho (every ordering of ``b``; fine up to ~8 points)."""
+    rho = rank_corr(a, b)
+    if rho is None:
+        return None
+    perms = [rank_corr(a, list(p)) for p in itertools.permutations(b)]
+    return float(np.mean([abs(r) >= abs(rho) - 1e-12 for r in perms]))
 
 
 AXES = {"changed at 10 dB": lambda r: r["stability"]["clipped"]["change"][TEN_DB],
@@ -106,13 +117,15 @@ def findings(runs: list[dict[str, Any]]) -> list[str]:
     if vq and disc:
         steadier = [r["name"] for r in disc if chg(r) < chg(vq)]
         out.append(f"Table 1's claim, discriminative tokens change less under noise than VQ codes: holds for "
-                   f"{len(steadier)} of {len(disc)} discriminative tokenizers ({', '.join(steadier) or 'none'}; VQ codes "
+                   f"{len(steadier)} of {len(disc)} discriminative tokenizers ({', '.join(steadier) or 'none'}; "
+                   "VQ codes "
                    f"{chg(vq):.3f} changed at 10 dB).")
         best = max(disc, key=lambda r: acc(r)[0])
         verdict = ("within the intervals of" if overlap(acc(best), acc(vq)) else
                    "above" if acc(best)[0] > acc(vq)[0] else "below")
         out.append(f"Table 3a's claim, a GPT on discriminative tokens generates better than on VQ codes at the same "
-                   f"budget: the best discriminative run ({best['name']}, {100 * acc(best)[0]:.1f}% recognised unguided) "
+                   f"budget: the best discriminative run ({best['name']}, {100 * acc(best)[0]:.1f}% recognised "
+                   "unguided) "
                    f"is {verdict} the VQ run ({100 * acc(vq)[0]:.1f}%)"
                    + (", unlike the paper." if verdict != "above" else ", as in the paper."))
     if vq and disc and all("ceiling" in r for r in rows):
@@ -125,8 +138,9 @@ def findings(runs: list[dict[str, Any]]) -> list[str]:
         raw = lambda r: r["stability"]["unclipped"]["change"][TEN_DB]
         flipped = [r["name"] for r in disc if (chg(r) < chg(vq)) != (raw(r) < raw(vq))]
         snr = vq["stability"]["clipped"]["snr_measured"][TEN_DB]
-        out.append(f"Clipping matters: the 10 dB images, clipped to [0, 1] and rounded, had a measured SNR of {snr:.1f} dB "
-                   "(clipping removes part of the noise), and without clipping " + (f"the order against VQ codes flips for {', '.join(flipped)}"
+        out.append("Clipping matters: the 10 dB images, clipped to [0, 1] and rounded, had a measured SNR of "
+                   f"{snr:.1f} dB (clipping removes part of the noise), and without clipping "
+                   + (f"the order against VQ codes flips for {', '.join(flipped)}"
                                                            if flipped else "the order against VQ codes is the same")
                    + " (" + "; ".join(f"{r['name']} {raw(r):.3f}" for r in disc) + f"; VQ codes {raw(vq):.3f}).")
         short = lambda r: r["completion"]["12.5"]["agreement"]
@@ -134,7 +148,8 @@ def findings(runs: list[dict[str, Any]]) -> list[str]:
         verdict = ("within the intervals of" if overlap(short(best), short(vq)) else
                    "above" if short(best)[0] > short(vq)[0] else "below")
         out.append(f"Figure 4b's claim, completions from a short prefix stay on track with discriminative tokens and "
-                   f"drift with VQ codes: from 12.5% of the rows (the same real pixels kept for both), {best['name']} keeps "
+                   "drift with VQ codes: from 12.5% of the rows (the same real pixels kept for both), "
+                   f"{best['name']} keeps "
                    f"the class in {100 * short(best)[0]:.1f}%, {verdict} VQ codes' {100 * short(vq)[0]:.1f}%"
                    + (", as in the paper." if verdict == "above" else ", unlike the paper."))
     rho = correlations(rows)["changed at 10 dB"]["unguided accuracy"]
@@ -142,14 +157,16 @@ def findings(runs: list[dict[str, Any]]) -> list[str]:
         holds = rho < -0.5
         out.append(f"The link itself (more stable tokens, better samples): across {len(rows)} tokenizers the rank "
                    f"correlation of tokens changed at 10 dB with unguided class accuracy is {rho:+.2f}; "
-                   + ("it holds in direction" if holds else "it does not hold at our scale")
-                   + f" (with {len(rows)} points a rank correlation needs |rho| >= 0.9 to be unlikely by chance).")
+                   + ("the thesis's direction" if holds else "not the thesis's direction")
+                   + f" (exact permutation p = {permutation_p([chg(r) for r in rows], [acc(r)[0] for r in rows]):.2f}"
+                   f" with {len(rows)} points).")
     untrained = [r for r in disc if r.get("encoder", {}).get("objective") == "untrained"]
     trained = [r for r in disc if r not in untrained]
     if untrained and trained:
         u, t = min(untrained, key=chg), max(trained, key=lambda r: acc(r)[0])
         out.append(f"Stability alone is cheap: the untrained {u['name']} is "
-                   + ("more" if chg(u) < chg(t) else "less") + f" stable than {t['name']} ({chg(u):.3f} vs {chg(t):.3f} "
+                   + ("more" if chg(u) < chg(t) else "less")
+                   + f" stable than {t['name']} ({chg(u):.3f} vs {chg(t):.3f} "
                    f"changed at 10 dB) and generates {100 * acc(u)[0]:.1f}% vs {100 * acc(t)[0]:.1f}% recognised.")
     for name in dict.fromkeys(r["name"] for r in runs):
         same = [r for r in runs if r["name"] == name]
@@ -198,9 +215,11 @@ def markdown(rows: list[dict[str, Any]], missing: list[str]) -> str:
              f"{rows[0]['stability']['n'] if rows else 0:,} test images. Nothing was chosen from these figures.")
     paper = table(["ImageNet (paper)", "tokens changed at 10 dB (Table 1)", "FID (Table 3a)"],
                   [[k, f"{x:.3f}", f"{y:.2f}"] for k, (x, y) in PAPER_POINTS.items()])
+    firsts = [r for r in rows if r.get("train_seed", 0) == 0]
     text = [proto, "", table(head, body), "",
             f"Intervals: bootstrap 95% over the samples of all {len(rows[0]['seeds']) if rows else 0} sampling seeds "
-            f"pooled; guided = cfg_scale {g}; every model samples with {json.dumps(rows[0]['settings'] if rows else {})}. "
+            f"pooled; guided = cfg_scale {g}; every model samples with "
+            f"{json.dumps(rows[0]['settings'] if rows else {})}. "
             "Stage-2 ceiling: test images rendered from their own tokens by stage 2 and the VQ decoder "
             "(`Flows.render`; for VQ codes the VQGAN's reconstruction), the share still in the original's class: "
             "no generation from these tokens can do better.", "",
@@ -211,7 +230,7 @@ def markdown(rows: list[dict[str, Any]], missing: list[str]) -> str:
             "**Rank correlations** (Spearman, one run per tokenizer; accuracy and completion: higher is better, "
             "FD: lower is better):", "",
             table(["", *OUTCOMES], [[a, *(fmt(v, 2) for v in row.values())]
-                                    for a, row in correlations([r for r in rows if r.get("train_seed", 0) == 0]).items()]),
+                                    for a, row in correlations(firsts).items()]),
             "",
             "**The paper's points** (the figure's right panel):", "", paper, "",
             "**Findings**", ""] + [f"- {f}" for f in findings(rows)]
