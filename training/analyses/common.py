@@ -210,7 +210,13 @@ def write_section(out: Path, s: Section, png: bool = True) -> list[Path]:
     links = f"[interactive figure]({s.key}.html) · [data]({s.key}.json)"
     if png:
         # kaleido drives a headless Chromium (/usr/bin/chromium here) to render the PNG
-        s.figure.write_image(out / f"{s.key}.png", width=1000, height=s.figure.layout.height or 450, scale=1.5)
+        for attempt in range(3):   # kaleido's page can miss its own scripts on a loaded machine: try again
+            try:
+                s.figure.write_image(out / f"{s.key}.png", width=1000, height=s.figure.layout.height or 450, scale=1.5)
+                break
+            except Exception as err:
+                if attempt == 2 or not type(err).__module__.startswith("kaleido"):
+                    raise
         paths.append(out / f"{s.key}.png")
         links = f"![{s.title}]({s.key}.png)\n\n" + links
     for stem, img in s.pictures.items():
