@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from digit_core.metrics import bootstrap_ci
 from digit_core.pipeline import images_to_input
 from training.config import RunConfig
 from training.data import load_data, test_split
@@ -211,6 +212,18 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0.0, None)).sum()
     fd = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(sa) + np.trace(sb) - 2.0 * tr_covmean
     return float(max(fd, 0.0))
+
+
+def mean_interval(hits: np.ndarray, n_boot: int, seed: int) -> tuple[float, float, float]:
+    """The mean of per-item ``hits`` and its bootstrap 95% (percentile) interval: ``(estimate, low, high)``."""
+    return bootstrap_ci(lambda i: hits[i].mean(), len(hits), n_boot=n_boot, seed=seed)
+
+
+def frechet_interval(feats: np.ndarray, ref: np.ndarray, n_boot: int, seed: int) -> tuple[float, float, float]:
+    """The Fréchet distance of ``feats`` to the fixed ``ref`` and its bootstrap 95% interval, resampling the
+    samples (normal: resampling inflates a Fréchet distance, not its spread): ``(estimate, low, high)``."""
+    return bootstrap_ci(lambda i: frechet_distance(feats[i], ref), len(feats), n_boot=n_boot, seed=seed,
+                        method="normal")
 
 
 def linear_probe(x_tr: torch.Tensor, y_tr: torch.Tensor, x_te: torch.Tensor, y_te: torch.Tensor, featurize,

@@ -42,12 +42,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from digit_core.metrics import PAPER_TABLE1, add_noise, bootstrap_ci, stability
+from digit_core.metrics import PAPER_TABLE1, add_noise, stability
 from digit_core.runtime import Bundle, load_bundle
 from training.config import parse_config
 from training.data import as_uint8
-from training.evaltools import (EvalConfig, Labelled, classify, frechet_distance, from_uint8, get_classifier,
-                                held_out_spec, linear_probe, load_splits)
+from training.evaltools import (EvalConfig, Labelled, classify, frechet_distance, frechet_interval, from_uint8,
+                                get_classifier, held_out_spec, linear_probe, load_splits, mean_interval)
 
 log = logging.getLogger("digit.evaluate")
 
@@ -77,16 +77,12 @@ def generate(bundle: Bundle, n: int, batch: int, seed: int,
 
 def interval(values: np.ndarray, cfg: EvalConfig) -> list[float] | None:
     """The bootstrap 95% interval of the mean of ``values`` (per-sample hits); None for < 2 values."""
-    if len(values) < 2:
-        return None
-    return list(bootstrap_ci(lambda i: values[i].mean(), len(values), n_boot=cfg.n_boot, seed=cfg.seed)[1:])
+    return list(mean_interval(values, cfg.n_boot, cfg.seed)[1:]) if len(values) >= 2 else None
 
 
 def fd_interval(feats: np.ndarray, ref: np.ndarray, cfg: EvalConfig) -> list[float]:
-    """The bootstrap 95% interval (normal: resampling inflates a Fréchet distance, not its spread) of the
-    distance of ``feats`` to the fixed ``ref``, resampling the samples."""
-    return list(bootstrap_ci(lambda i: frechet_distance(feats[i], ref), len(feats), n_boot=cfg.n_boot,
-                             seed=cfg.seed, method="normal")[1:])
+    """The bootstrap 95% interval of the Fréchet distance of ``feats`` to the fixed ``ref``."""
+    return list(frechet_interval(feats, ref, cfg.n_boot, cfg.seed)[1:])
 
 
 def completion_mode(bundle: Bundle) -> str:

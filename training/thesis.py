@@ -33,7 +33,7 @@ import torch
 
 from digit_core.encoders import Encoder
 from digit_core.presets import preset
-from training.files import atomic_save, load_tensors
+from training.files import atomic_path, atomic_save, load_tensors
 from training.layout import LAYOUT
 
 RECIPE = "training/thesis.yaml"
@@ -105,6 +105,13 @@ class Sweep:
         return out
 
 
+def copy(src: Path, dst: Path) -> None:
+    """``src`` to ``dst`` atomically (``files.atomic_path``): a kill leaves no half a copy."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
+
+
 def prepare(sw: Sweep, name: str) -> None:
     """The tokenizer's ``ssl/encoder.safetensors`` and ``kmeans/codebook.safetensors`` under its run."""
     t, run = sw.tokenizer(name), sw.run_dir(name, 0)
@@ -125,11 +132,9 @@ def prepare(sw: Sweep, name: str) -> None:
     elif (Path(t.encoder) / "manifest.json").is_file():
         from training.unbundle import unbundle
         unbundle(t.encoder, run)
-    else:   # a weights folder as training.publish writes it
+    else:   # a weights folder as training.publish writes it; the codebook last, as prepare checks it
         for a in (LAYOUT.encoder, LAYOUT.codebook):
-            dst = run / a.path
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(Path(t.encoder) / a.name / a.file, dst)
+            copy(Path(t.encoder) / a.name / a.file, run / a.path)
 
 
 def train(sw: Sweep, name: str, stages: list[str]) -> None:
@@ -194,8 +199,7 @@ def records(run: Path, out: Path) -> None:
     for folder in sorted(p for p in run.iterdir() if p.is_dir()):
         for f in (folder / r for r in RECORDS):
             if f.is_file():
-                (out / run.name / folder.name).mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(f, out / run.name / folder.name / f.name)
+                copy(f, out / run.name / folder.name / f.name)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -40,12 +40,13 @@ import torch
 
 from digit_core import layout
 from digit_core.flows import keep_rows_for
-from digit_core.metrics import SNR_LEVELS_DB, bootstrap_ci, disc_encode, token_stability
+from digit_core.metrics import SNR_LEVELS_DB, disc_encode, token_stability
 from digit_core.pipeline import DiGIT, to_channels
 from digit_core.runtime import load_bundle
 from training.analyses.common import probe_accuracy
 from training.data import as_uint8
-from training.evaltools import EvalConfig, classify, frechet_distance, from_uint8, get_classifier, load_splits
+from training.evaltools import (EvalConfig, classify, frechet_distance, frechet_interval, from_uint8, get_classifier,
+                                load_splits, mean_interval)
 from training.files import atomic_write_text
 from training.layout import LAYOUT
 from training.analyses.thesis_report import report
@@ -56,15 +57,14 @@ SETTINGS = {"temperature": 1.0, "top_k": 100, "top_p": 1.0, "stage2_temperature"
 """Every model samples with these (top-k 100 and stage-2 top-p 0.8, the bundled model's defaults)."""
 
 
-def ci(hits: np.ndarray, seed: int = 0) -> list[float]:
+def ci(hits: np.ndarray) -> list[float]:
     """Mean and bootstrap 95% interval of per-item hits."""
-    return list(bootstrap_ci(lambda i: hits[i].mean(), len(hits), n_boot=500, seed=seed))
+    return list(mean_interval(hits, n_boot=500, seed=0))
 
 
-def fd_ci(feats: np.ndarray, ref: np.ndarray, seed: int = 0) -> list[float]:
-    """Fréchet distance and its bootstrap 95% interval (normal: resampling inflates the distance, not its spread)."""
-    return list(bootstrap_ci(lambda i: frechet_distance(feats[i], ref), len(feats), n_boot=100, seed=seed,
-                             method="normal"))
+def fd_ci(feats: np.ndarray, ref: np.ndarray) -> list[float]:
+    """Fréchet distance and its bootstrap 95% interval."""
+    return list(frechet_interval(feats, ref, n_boot=100, seed=0))
 
 
 def val_loss(run: Path, stage: str) -> float | None:
